@@ -1,0 +1,1 @@
+"""Everything about LoRA adapters (reading, validating, storing, tracking); no HTTP here."""

@@ -1,0 +1,55 @@
+"""The model served when none is given: the tiny Gemma 4 and its demo adapters, built on demand."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+TINY_MODEL_DIR = "tiny-gemma4"
+DEMO_ADAPTERS_DIR = "demo-adapters"
+
+
+@dataclass(frozen=True)
+class DefaultModel:
+    """Where the tiny model and the demo adapters live."""
+
+    model_dir: Path
+    adapters_dir: Path
+
+    def adapter_dirs(self) -> dict[str, Path]:
+        """Demo adapter name -> folder."""
+        return {p.name: p for p in sorted(self.adapters_dir.iterdir()) if p.is_dir()}
+
+
+def _build_atomically(target: Path, build: Callable[[Path], object]) -> None:
+    # Build beside the target and rename, so an interrupted build never looks finished.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        build(staging)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def ensure_default_model(cache_dir: Path) -> DefaultModel:
+    """Return the tiny model and demo adapters under `cache_dir`, building what is missing."""
+    from adapters.demo import write_demo_adapters
+    from server.tiny_model import build_tiny_model
+
+    model_dir = cache_dir / TINY_MODEL_DIR
+    adapters_dir = cache_dir / DEMO_ADAPTERS_DIR
+    if not model_dir.is_dir():
+        logger.info("building the tiny Gemma 4 in %s", model_dir)
+        _build_atomically(model_dir, build_tiny_model)
+    if not adapters_dir.is_dir():
+        logger.info("writing the demo adapters in %s", adapters_dir)
+        _build_atomically(adapters_dir, lambda out: write_demo_adapters(model_dir, out))
+    return DefaultModel(model_dir=model_dir.resolve(), adapters_dir=adapters_dir.resolve())

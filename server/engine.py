@@ -1,0 +1,224 @@
+"""The bridge to vLLM: the one module that imports vLLM at top level.
+
+`VllmEngine` runs vLLM's `AsyncLLM` (engine core and workers in their own processes) and
+implements `InferenceEngine`, translating the service's plain dataclasses to vLLM's types.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from vllm import SamplingParams
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.inputs import TextPrompt, TokensPrompt
+from vllm.logprobs import PromptLogprobs, SampleLogprobs
+from vllm.lora.request import LoRARequest
+from vllm.outputs import CompletionOutput, RequestOutput
+from vllm.platforms import current_platform
+from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
+
+from server.inference_engine import (
+    AUDIO_SAMPLE_RATE,
+    AdapterRef,
+    CompletionDelta,
+    EngineDeadError,
+    EngineError,
+    GenerationChunk,
+    Prompt,
+    Sampling,
+    TokenLogprob,
+)
+from server.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+CPU_DEFAULT_KV_CACHE_BYTES = 256 * 2**20
+
+
+def engine_args(settings: Settings, model_path: str, served_name: str) -> AsyncEngineArgs:
+    """vLLM engine arguments for the service's settings (LoRA always on)."""
+    kv_cache_bytes = settings.kv_cache_memory_bytes
+    if kv_cache_bytes is None and current_platform.is_cpu():
+        kv_cache_bytes = CPU_DEFAULT_KV_CACHE_BYTES
+    return AsyncEngineArgs(
+        model=model_path,
+        served_model_name=[served_name],
+        dtype=settings.dtype,  # type: ignore[arg-type]
+        max_model_len=settings.max_model_len,
+        max_num_seqs=settings.max_num_seqs,
+        seed=settings.seed,
+        enable_lora=True,
+        max_loras=settings.max_loras,
+        max_lora_rank=settings.max_lora_rank,
+        max_cpu_loras=settings.max_cpu_loras,
+        kv_cache_memory_bytes=kv_cache_bytes,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        limit_mm_per_prompt={
+            "image": settings.max_images_per_prompt,
+            "audio": settings.max_audios_per_prompt,
+            "video": 0,
+        },
+        # Requests are logged by the service with its own request ids.
+        enable_log_requests=False,
+    )
+
+
+def sampling_params(sampling: Sampling) -> SamplingParams:
+    """vLLM's SamplingParams for a request; vLLM validates the values (ValueError if invalid)."""
+    structured = None
+    if sampling.json_schema is not None:
+        structured = StructuredOutputsParams(json=sampling.json_schema)
+    elif sampling.json_object:
+        structured = StructuredOutputsParams(json_object=True)
+    return SamplingParams(
+        n=sampling.n,
+        max_tokens=sampling.max_tokens,
+        min_tokens=sampling.min_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k,
+        seed=sampling.seed,
+        stop=list(sampling.stop),
+        presence_penalty=sampling.presence_penalty,
+        frequency_penalty=sampling.frequency_penalty,
+        repetition_penalty=sampling.repetition_penalty,
+        logprobs=sampling.logprobs,
+        ignore_eos=sampling.ignore_eos,
+        structured_outputs=structured,
+        output_kind=RequestOutputKind.DELTA,
+    )
+
+
+def lora_request(adapter: AdapterRef) -> LoRARequest:
+    """vLLM's handle for one adapter version."""
+    return LoRARequest(lora_name=adapter.name, lora_int_id=adapter.int_id, lora_path=adapter.path)
+
+
+def _engine_prompt(prompt: Prompt) -> TextPrompt | TokensPrompt:
+    media: dict[str, Any] = {}
+    if prompt.images:
+        media["image"] = list(prompt.images)
+    if prompt.audios:
+        media["audio"] = [(audio, AUDIO_SAMPLE_RATE) for audio in prompt.audios]
+    if prompt.token_ids is not None:
+        tokens = TokensPrompt(prompt_token_ids=list(prompt.token_ids))
+        if media:
+            tokens["multi_modal_data"] = media
+        return tokens
+    text = TextPrompt(prompt=prompt.text or "")
+    if media:
+        text["multi_modal_data"] = media
+    return text
+
+
+def _logprobs(output: CompletionOutput) -> list[TokenLogprob] | None:
+    steps: SampleLogprobs | PromptLogprobs | None = output.logprobs
+    if steps is None:
+        return None
+    result = []
+    for token_id, step in zip(output.token_ids, steps, strict=False):
+        if step is None:
+            continue
+        ranked = sorted(step.items(), key=lambda item: item[1].logprob, reverse=True)
+        top = [(tid, lp.decoded_token or "", lp.logprob) for tid, lp in ranked]
+        chosen = step[token_id]
+        result.append(TokenLogprob(token_id, chosen.decoded_token or "", chosen.logprob, top))
+    return result
+
+
+def _chunk(output: RequestOutput) -> GenerationChunk:
+    return GenerationChunk(
+        request_id=output.request_id,
+        prompt_token_count=len(output.prompt_token_ids or []),
+        completions=[
+            CompletionDelta(
+                index=completion.index,
+                text=completion.text,
+                token_ids=list(completion.token_ids),
+                logprobs=_logprobs(completion),
+                finish_reason=completion.finish_reason,
+            )
+            for completion in output.outputs
+        ],
+        finished=output.finished,
+    )
+
+
+class VllmEngine:
+    """`InferenceEngine` on vLLM's AsyncLLM."""
+
+    def __init__(self, llm: AsyncLLM) -> None:
+        self._llm = llm
+
+    @classmethod
+    async def start(cls, settings: Settings, model_path: str, served_name: str) -> VllmEngine:
+        """Start the engine processes; the event loop keeps serving while they come up."""
+        args = engine_args(settings, model_path, served_name)
+        llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        return cls(llm)
+
+    @property
+    def max_model_len(self) -> int:
+        return int(self._llm.model_config.max_model_len)
+
+    async def generate(
+        self, request_id: str, prompt: Prompt, sampling: Sampling, adapter: AdapterRef | None
+    ) -> AsyncIterator[GenerationChunk]:
+        """Stream output deltas; raises EngineError (client fault if vLLM rejects the input)."""
+        try:
+            params = sampling_params(sampling)
+        except ValueError as exc:
+            raise EngineError(str(exc), is_client_fault=True) from exc
+        stream = self._llm.generate(
+            _engine_prompt(prompt),
+            params,
+            request_id,
+            lora_request=lora_request(adapter) if adapter else None,
+        )
+        try:
+            async for output in stream:
+                yield _chunk(output)
+        except VllmEngineDeadError as exc:
+            raise EngineDeadError("the inference engine stopped") from exc
+        except ValueError as exc:  # vLLM's input validation (prompt too long, bad media, ...)
+            raise EngineError(str(exc), is_client_fault=True) from exc
+
+    async def abort(self, request_id: str) -> None:
+        await self._llm.abort(request_id)
+
+    async def add_adapter(self, adapter: AdapterRef) -> None:
+        """Load an adapter version into the engine; raises EngineError if vLLM refuses it."""
+        try:
+            added = await self._llm.add_lora(lora_request(adapter))
+        except VllmEngineDeadError as exc:
+            raise EngineDeadError("the inference engine stopped") from exc
+        except Exception as exc:  # vLLM raises assorted types for a bad adapter
+            raise EngineError(f"the engine could not load the adapter: {exc}") from exc
+        if not added:
+            raise EngineError("the engine could not load the adapter")
+
+    async def remove_adapter(self, int_id: int) -> bool:
+        return await self._llm.remove_lora(int_id)
+
+    async def pin_adapter(self, int_id: int) -> bool:
+        return await self._llm.pin_lora(int_id)
+
+    async def list_adapters(self) -> set[int]:
+        return await self._llm.list_loras()
+
+    def running_request_count(self) -> int:
+        return self._llm.get_num_unfinished_requests()
+
+    async def check_health(self) -> None:
+        try:
+            await self._llm.check_health()
+        except Exception as exc:
+            raise EngineDeadError("the inference engine stopped") from exc
+
+    async def shutdown(self) -> None:
+        await asyncio.to_thread(self._llm.shutdown)

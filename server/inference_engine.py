@@ -1,0 +1,126 @@
+"""The narrow contract between the service and the inference engine, free of vLLM imports.
+
+Services depend on `InferenceEngine`; `server.engine.VllmEngine` implements it on vLLM, and tests
+may pass a fake. Requests and outputs are plain dataclasses so nothing above the bridge needs vLLM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image
+
+AUDIO_SAMPLE_RATE = 16_000  # Gemma 4's audio feature extractor works on 16 kHz mono
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """One version of an adapter as the engine knows it; a new version gets a new `int_id`."""
+
+    name: str
+    int_id: int
+    path: str
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling parameters; field names and meanings are vLLM's `SamplingParams`."""
+
+    max_tokens: int | None = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_tokens: int = 0
+    seed: int | None = None
+    n: int = 1
+    stop: list[str] = field(default_factory=list)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None
+    ignore_eos: bool = False
+    json_schema: dict[str, Any] | None = None
+    json_object: bool = False
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A rendered prompt (chat template already applied) and its media, in prompt order."""
+
+    text: str | None = None
+    token_ids: list[int] | None = None
+    images: list[Image.Image] = field(default_factory=list)
+    audios: list[np.ndarray] = field(default_factory=list)  # float32 mono at AUDIO_SAMPLE_RATE
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """Log-probability of one sampled token and the most likely alternatives at its step."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: list[tuple[int, str, float]]
+
+
+@dataclass(frozen=True)
+class CompletionDelta:
+    """What one of the `n` completions produced since the previous chunk."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None
+    finish_reason: str | None  # "stop", "length" or None while running
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """One step of output for a request."""
+
+    request_id: str
+    prompt_token_count: int
+    completions: list[CompletionDelta]
+    finished: bool
+
+
+class EngineError(Exception):
+    """The engine failed or refused; `is_client_fault` says whether the request was to blame."""
+
+    def __init__(self, message: str, *, is_client_fault: bool = False) -> None:
+        super().__init__(message)
+        self.is_client_fault = is_client_fault
+
+
+class EngineDeadError(EngineError):
+    """The engine stopped working; the service can no longer serve."""
+
+
+class InferenceEngine(Protocol):
+    """What the service needs of an engine: generate, abort, manage adapters, health, shutdown."""
+
+    @property
+    def max_model_len(self) -> int: ...
+
+    def generate(
+        self, request_id: str, prompt: Prompt, sampling: Sampling, adapter: AdapterRef | None
+    ) -> AsyncIterator[GenerationChunk]: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    async def add_adapter(self, adapter: AdapterRef) -> None: ...
+
+    async def remove_adapter(self, int_id: int) -> bool: ...
+
+    async def pin_adapter(self, int_id: int) -> bool: ...
+
+    async def list_adapters(self) -> set[int]: ...
+
+    def running_request_count(self) -> int: ...
+
+    async def check_health(self) -> None: ...
+
+    async def shutdown(self) -> None: ...

@@ -1,0 +1,66 @@
+"""The service's one settings object: environment variables (GEMMA_SERVER_*) and CLI flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# vLLM accepts only these LoRA ranks as --max-lora-rank.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class Settings(BaseSettings):
+    """Validated once at start-up; every part of the service reads its configuration here."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="GEMMA_SERVER_",
+        cli_prog_name="gemma-adapter-server",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        extra="ignore",
+    )
+
+    # Model
+    model: str | None = Field(
+        None,
+        description="Path of the Gemma 4 checkpoint. Unset: the tiny Gemma 4 built in cache_dir.",
+    )
+    served_model_name: str | None = Field(
+        None, description="Name clients use for the base model (default: the model folder name)."
+    )
+    cache_dir: Path = Field(
+        Path(".cache"), description="Where the tiny model and demo adapters are generated."
+    )
+    dtype: str = Field("auto", description="Weights and activations dtype (auto, float32, ...).")
+    max_model_len: int | None = Field(None, gt=0, description="Context length (default: model's).")
+    max_num_seqs: int | None = Field(None, gt=0, description="Sequences per engine step.")
+    seed: int = Field(0, description="Engine seed.")
+
+    # LoRA
+    max_loras: int = Field(4, gt=0, description="Adapters in one batch (slots on the accelerator).")
+    max_lora_rank: int = Field(16, description=f"Largest adapter rank; one of {VLLM_LORA_RANKS}.")
+    max_cpu_loras: int | None = Field(
+        None, gt=0, description="Adapters kept in host memory (LRU); default max_loras."
+    )
+
+    # Memory and multimodal limits
+    kv_cache_memory_bytes: int | None = Field(
+        None, gt=0, description="KV cache size in bytes (CPU default: 256 MiB)."
+    )
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU memory share (GPU).")
+    max_images_per_prompt: int = Field(4, ge=0, description="Images allowed in one request.")
+    max_audios_per_prompt: int = Field(1, ge=0, description="Audio clips allowed in one request.")
+
+    # Server
+    host: str = Field("127.0.0.1", description="Bind address.")
+    port: int = Field(8000, gt=0, lt=65536, description="Bind port.")
+    log_level: str = Field("info", description="Logging level.")
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _rank_vllm_accepts(cls, rank: int) -> int:
+        if rank not in VLLM_LORA_RANKS:
+            raise ValueError(f"must be one of {VLLM_LORA_RANKS}")
+        return rank

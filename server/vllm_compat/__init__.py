@@ -1,0 +1,44 @@
+"""vLLM plugin: narrow fixes for vLLM 0.32 gaps, applied in every vLLM process.
+
+vLLM loads the entry point `vllm.general_plugins` in the API process, the engine core and each
+worker (all started with `spawn`), so a fix applied here reaches the model wherever it runs.
+Every fix checks the version and condition it targets and does nothing elsewhere.
+Set `GEMMA_SERVER_DISABLE_FIXES=name,...` to switch fixes off (used by tests to show the bug).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+logger = logging.getLogger(__name__)
+
+_applied: set[str] = set()
+
+
+def _fixes() -> dict[str, Callable[[], bool]]:
+    from server.vllm_compat import audio_gemm, gemma4_processor, lora_index
+
+    return {
+        "gemma4_processor": gemma4_processor.apply,
+        "lora_index": lora_index.apply,
+        "audio_gemm": audio_gemm.apply,
+    }
+
+
+def disabled_fixes() -> set[str]:
+    """Names of fixes switched off through the environment."""
+    raw = os.environ.get("GEMMA_SERVER_DISABLE_FIXES", "")
+    return {name.strip() for name in raw.split(",") if name.strip()}
+
+
+def register() -> None:
+    """Apply every enabled fix once per process; each logs once when it takes effect."""
+    off = disabled_fixes()
+    for name, apply in _fixes().items():
+        if name in _applied or name in off:
+            continue
+        if apply():
+            _applied.add(name)
+            logger.info("gemma-adapter-server compat fix applied: %s", name)

@@ -1,0 +1,5 @@
+"""Placeholder until written."""
+
+
+def apply() -> bool:
+    return False

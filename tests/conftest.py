@@ -1,0 +1,48 @@
+"""Shared fixtures: the tiny Gemma 4 with its demo adapters, and the real vLLM engine on it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+
+import pytest
+import pytest_asyncio
+
+from server.default_model import DefaultModel, ensure_default_model
+from server.settings import Settings
+from server.vllm_compat import register
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+register()  # the test process builds HF references; it needs the same compat fixes as vLLM's
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> DefaultModel:
+    """A freshly built tiny Gemma 4 and demo adapters (a few seconds), private to this run."""
+    return ensure_default_model(tmp_path_factory.mktemp("cache"))
+
+
+def engine_settings(**overrides: object) -> Settings:
+    """Engine settings for tests: float32 (to compare with HF), small KV cache, 3 LoRA slots."""
+    values: dict[str, object] = {
+        "dtype": "float32",
+        "max_model_len": 1024,
+        "max_loras": 3,
+        "max_lora_rank": 16,
+        "max_cpu_loras": 4,
+        "kv_cache_memory_bytes": 64 * 2**20,
+        "max_num_seqs": 32,
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def engine(tiny: DefaultModel) -> AsyncIterator[object]:
+    """The real vLLM engine on the tiny model, shared by the whole session."""
+    from server.engine import VllmEngine
+
+    started = await VllmEngine.start(engine_settings(), str(tiny.model_dir), "tiny-gemma4")
+    yield started
+    await started.shutdown()

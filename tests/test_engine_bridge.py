@@ -1,0 +1,56 @@
+"""The engine bridge's adapter operations at run time, on the real vLLM engine."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.default_model import DefaultModel
+from server.engine import VllmEngine
+from server.inference_engine import AdapterRef, EngineError, Prompt, Sampling
+from tests.test_engine_correctness import render, run
+
+# Ids far from those other tests use, so the shared engine's state does not interfere.
+FIRST_ID = 900
+
+
+async def test_add_pin_list_and_remove_adapters(engine: VllmEngine, tiny: DefaultModel) -> None:
+    prompt = render(tiny, "short-text")
+    base = await run(engine, prompt, None)
+    path = str(tiny.adapter_dirs()["demo-all"])
+    added = AdapterRef(name="runtime-all", int_id=FIRST_ID, path=path)
+
+    await engine.add_adapter(added)
+    assert FIRST_ID in await engine.list_adapters()
+    assert await engine.pin_adapter(FIRST_ID)
+    tuned = await run(engine, prompt, added)
+    assert tuned.token_ids != base.token_ids
+
+    assert await engine.remove_adapter(FIRST_ID)
+    assert FIRST_ID not in await engine.list_adapters()
+    assert not await engine.remove_adapter(FIRST_ID)
+    # The same weights under a new id give the same output: removal dropped only the engine copy.
+    again = AdapterRef(name="runtime-all-2", int_id=FIRST_ID + 1, path=path)
+    await engine.add_adapter(again)
+    assert (await run(engine, prompt, again)).token_ids == tuned.token_ids
+    assert await engine.remove_adapter(FIRST_ID + 1)
+
+
+async def test_bad_adapter_path_is_refused_and_engine_keeps_serving(
+    engine: VllmEngine, tiny: DefaultModel, tmp_path: pytest.TempPathFactory
+) -> None:
+    missing = AdapterRef(name="missing", int_id=FIRST_ID + 10, path=str(tmp_path))
+    with pytest.raises(EngineError):
+        await engine.add_adapter(missing)
+    assert FIRST_ID + 10 not in await engine.list_adapters()
+    await engine.check_health()
+    assert (await run(engine, render(tiny, "short-text"), None)).token_ids
+
+
+async def test_running_count_and_abort(engine: VllmEngine, tiny: DefaultModel) -> None:
+    prompt = Prompt(text=render(tiny, "short-text").text)
+    stream = engine.generate("abort-me", prompt, Sampling(max_tokens=500, ignore_eos=True), None)
+    await anext(stream)
+    assert engine.running_request_count() >= 1
+    await engine.abort("abort-me")
+    await stream.aclose()
+    assert engine.running_request_count() == 0
