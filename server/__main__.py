@@ -1,6 +1,57 @@
-"""`python -m server`: until the HTTP server lands, an offline generation on the default model."""
+"""`python -m server` / `gemma-adapter-server`: serve the API with uvicorn (one worker)."""
 
-from server.offline_demo import main
+from __future__ import annotations
+
+import logging
+import os
+
+import uvicorn
+
+from server.app import create_app
+from server.lifecycle import ServiceLifecycle
+from server.request_context import RequestIdLogFilter
+from server.settings import Settings
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+
+
+class DrainingServer(uvicorn.Server):
+    """Marks the service as draining as soon as a stop signal arrives, so /ready turns 503."""
+
+    def __init__(self, config: uvicorn.Config, lifecycle: ServiceLifecycle) -> None:
+        super().__init__(config)
+        self._lifecycle = lifecycle
+
+    def handle_exit(self, sig: int, frame: object) -> None:
+        self._lifecycle.drain()
+        super().handle_exit(sig, frame)  # type: ignore[arg-type]
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler()
+    handler.addFilter(RequestIdLogFilter())
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def main() -> None:
+    """Parse settings from the environment and flags, then serve until stopped."""
+    settings = Settings(_cli_parse_args=True)  # type: ignore[call-arg]
+    configure_logging(settings.log_level)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the service never downloads a model
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        workers=1,
+        log_config=None,
+        timeout_graceful_shutdown=int(settings.drain_timeout_seconds),
+    )
+    DrainingServer(config, app.state.lifecycle).run()
+
 
 if __name__ == "__main__":
     main()

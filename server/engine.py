@@ -45,16 +45,18 @@ def engine_args(settings: Settings, model_path: str, served_name: str) -> AsyncE
     kv_cache_bytes = settings.kv_cache_memory_bytes
     if kv_cache_bytes is None and current_platform.is_cpu():
         kv_cache_bytes = CPU_DEFAULT_KV_CACHE_BYTES
+    optional: dict[str, Any] = {
+        "max_model_len": settings.max_model_len,
+        "max_num_seqs": settings.max_num_seqs,
+    }
     return AsyncEngineArgs(
         model=model_path,
         served_model_name=[served_name],
         dtype=settings.dtype,  # type: ignore[arg-type]
-        max_model_len=settings.max_model_len,
-        max_num_seqs=settings.max_num_seqs,
         seed=settings.seed,
         enable_lora=True,
         max_loras=settings.max_loras,
-        max_lora_rank=settings.max_lora_rank,
+        max_lora_rank=settings.max_lora_rank,  # type: ignore[arg-type]  # checked by Settings
         max_cpu_loras=settings.max_cpu_loras,
         kv_cache_memory_bytes=kv_cache_bytes,
         gpu_memory_utilization=settings.gpu_memory_utilization,
@@ -65,6 +67,7 @@ def engine_args(settings: Settings, model_path: str, served_name: str) -> AsyncE
         },
         # Requests are logged by the service with its own request ids.
         enable_log_requests=False,
+        **{key: value for key, value in optional.items() if value is not None},
     )
 
 

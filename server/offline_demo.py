@@ -36,7 +36,9 @@ async def generate_all(settings: Settings) -> dict[str, str]:
             name = adapter.name if adapter else "base"
             pieces = []
             sampling = Sampling(max_tokens=24, temperature=0.0)
-            async for chunk in engine.generate(f"demo-{name}", Prompt(text=text), sampling, adapter):
+            async for chunk in engine.generate(
+                f"demo-{name}", Prompt(text=text), sampling, adapter
+            ):
                 pieces.extend(c.text for c in chunk.completions)
             answers[name] = "".join(pieces)
         return answers

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # vLLM accepts only these LoRA ranks as --max-lora-rank.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -53,10 +54,40 @@ class Settings(BaseSettings):
     max_images_per_prompt: int = Field(4, ge=0, description="Images allowed in one request.")
     max_audios_per_prompt: int = Field(1, ge=0, description="Audio clips allowed in one request.")
 
+    max_image_bytes: int = Field(10 * 2**20, gt=0, description="Largest image, in bytes.")
+    max_image_pixels: int = Field(4096 * 4096, gt=0, description="Largest image, in pixels.")
+    max_audio_bytes: int = Field(25 * 2**20, gt=0, description="Largest audio clip, in bytes.")
+    max_audio_seconds: float = Field(30.0, gt=0, description="Longest audio clip, in seconds.")
+    allow_remote_images: bool = Field(False, description="Fetch http(s) image URLs (off: SSRF).")
+    remote_image_timeout_seconds: float = Field(10.0, gt=0, description="Image URL fetch time.")
+    max_request_bytes: int = Field(64 * 2**20, gt=0, description="Largest request body.")
+
+    # Adapters served from start-up
+    lora_modules: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Adapters to serve, as name=path (comma-separated)."
+    )
+
     # Server
     host: str = Field("127.0.0.1", description="Bind address.")
     port: int = Field(8000, gt=0, lt=65536, description="Bind port.")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Inference API keys (comma-separated); empty: open."
+    )
+    drain_timeout_seconds: float = Field(
+        30.0, ge=0, description="On SIGTERM, how long in-flight requests may finish."
+    )
     log_level: str = Field("info", description="Logging level.")
+
+    @field_validator("api_keys", "lora_modules", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    def served_name(self, model_dir: Path) -> str:
+        """The base model's name for clients."""
+        return self.served_model_name or model_dir.name
 
     @field_validator("max_lora_rank")
     @classmethod

@@ -1,0 +1,184 @@
+"""The FastAPI application: lifespan (engine start and stop), error mapping, routers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from adapters.errors import AdapterError, AdapterExists, AdapterNotFound, AdapterTooLarge
+from adapters.registry import AdapterRegistry
+from server import health_router, models_router
+from server.adapter_service import AdapterService
+from server.default_model import ensure_default_model
+from server.errors import (
+    BadRequest,
+    Conflict,
+    NotFound,
+    PayloadTooLarge,
+    ServiceError,
+    envelope,
+    error_body,
+    unexpected_error_body,
+)
+from server.inference import api_router as inference_router
+from server.inference.chat_serving import ChatService
+from server.inference.completion_serving import CompletionService
+from server.inference.prompt import ChatRenderer
+from server.inference_engine import InferenceEngine
+from server.lifecycle import Phase, ServiceLifecycle
+from server.media import MediaLimits
+from server.request_context import BodyTooLarge, RequestContextMiddleware
+from server.services import Services
+from server.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+_ADAPTER_ERRORS: dict[type[AdapterError], type[ServiceError]] = {
+    AdapterNotFound: NotFound,
+    AdapterExists: Conflict,
+    AdapterTooLarge: PayloadTooLarge,
+}
+
+
+def _adapter_error(exc: AdapterError) -> ServiceError:
+    return _ADAPTER_ERRORS.get(type(exc), BadRequest)(exc.message)
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    first = exc.errors()[0]
+    if first.get("type") == "json_invalid":
+        return "request body is not valid JSON"
+    where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
+    return f"{where or 'body'}: {first.get('msg', 'invalid value')}"
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    def answer(error: ServiceError) -> JSONResponse:
+        return JSONResponse(envelope(error), status_code=error.status)
+
+    @app.exception_handler(ServiceError)
+    async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
+        return answer(exc)
+
+    @app.exception_handler(AdapterError)
+    async def adapter_error(_: Request, exc: AdapterError) -> JSONResponse:
+        return answer(_adapter_error(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return answer(BadRequest(_validation_message(exc)))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        if isinstance(exc.__cause__, BodyTooLarge):
+            return answer(PayloadTooLarge("request body is too large"))
+        kinds = {404: "NotFoundError", 405: "MethodNotAllowedError"}
+        body = error_body(
+            exc.status_code, kinds.get(exc.status_code, "BadRequestError"), exc.detail
+        )
+        return JSONResponse(body, status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        logger.error("unhandled error", exc_info=exc)
+        return JSONResponse(unexpected_error_body(), status_code=500)
+
+
+async def _start_services(
+    app: FastAPI, settings: Settings, engine: InferenceEngine | None
+) -> InferenceEngine | None:
+    """Start the engine (unless given) and the services; returns the engine this app owns."""
+    owned = None
+    if settings.model:
+        model_dir = Path(settings.model)
+        startup_adapters: dict[str, Path] = {}
+    else:
+        tiny = await asyncio.to_thread(ensure_default_model, settings.cache_dir)
+        model_dir = tiny.model_dir
+        startup_adapters = tiny.adapter_dirs()
+    for spec in settings.lora_modules:
+        name, _, path = spec.partition("=")
+        startup_adapters[name.strip()] = Path(path.strip())
+    served_name = settings.served_name(model_dir)
+    if engine is None:
+        from server.engine import VllmEngine  # vLLM is heavy: import it only when it runs
+
+        engine = owned = await VllmEngine.start(settings, str(model_dir), served_name)
+    adapters = AdapterService(engine, AdapterRegistry(served_name))
+    for name, folder in startup_adapters.items():
+        try:
+            await adapters.register_folder(name, folder, source=name)
+        except AdapterError as exc:
+            logger.error("start-up adapter %s skipped: %s", name, exc.message)
+    limits = MediaLimits(
+        max_image_bytes=settings.max_image_bytes,
+        max_image_pixels=settings.max_image_pixels,
+        max_audio_bytes=settings.max_audio_bytes,
+        max_audio_seconds=settings.max_audio_seconds,
+        allow_remote_images=settings.allow_remote_images,
+        remote_timeout_seconds=settings.remote_image_timeout_seconds,
+    )
+    renderer = ChatRenderer(
+        model_dir, limits, settings.max_images_per_prompt, settings.max_audios_per_prompt
+    )
+    app.state.services = Services(
+        engine=engine,
+        adapters=adapters,
+        chat=ChatService(engine, renderer, adapters.resolve),
+        completions=CompletionService(engine, adapters.resolve),
+        started_at=int(time.time()),
+    )
+    return owned
+
+
+def create_app(settings: Settings, engine: InferenceEngine | None = None) -> FastAPI:
+    """The service. With `engine` given the caller owns it; otherwise the app starts vLLM.
+
+    The engine starts in the background: `/health` answers at once, `/ready` once it can serve.
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        lifecycle: ServiceLifecycle = app.state.lifecycle
+        owned: list[InferenceEngine] = []
+
+        async def start() -> None:
+            try:
+                engine_owned = await _start_services(app, settings, engine)
+                if engine_owned is not None:
+                    owned.append(engine_owned)
+                if lifecycle.phase is Phase.STARTING:
+                    lifecycle.phase = Phase.READY
+                    logger.info("ready")
+            except Exception as exc:
+                logger.exception("start-up failed")
+                lifecycle.fail(f"start-up failed: {type(exc).__name__}")
+
+        starting = asyncio.create_task(start())
+        try:
+            yield
+        finally:
+            lifecycle.phase = Phase.STOPPED
+            await starting  # an engine half-started must still be stopped, not orphaned
+            for running in owned:
+                await running.shutdown()
+
+    app = FastAPI(title="Gemma 4 adapter server", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.lifecycle = ServiceLifecycle()
+    app.state.services = None
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_request_bytes)
+    _install_error_handlers(app)
+    app.include_router(health_router.router)
+    app.include_router(models_router.router)
+    app.include_router(inference_router.router)
+    return app

@@ -1,0 +1,50 @@
+"""FastAPI dependencies, as `Annotated` aliases the routes declare."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+
+from server.auth import check_inference_key
+from server.errors import ServiceUnavailable
+from server.lifecycle import Phase, ServiceLifecycle
+from server.services import Services
+from server.settings import Settings
+
+
+def _settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def _lifecycle(request: Request) -> ServiceLifecycle:
+    lifecycle: ServiceLifecycle = request.app.state.lifecycle
+    return lifecycle
+
+
+def _services(request: Request) -> Services:
+    """The running services; 503 while starting, draining or after the engine died."""
+    lifecycle: ServiceLifecycle = request.app.state.lifecycle
+    services: Services | None = request.app.state.services
+    if lifecycle.phase is not Phase.READY or services is None:
+        raise ServiceUnavailable(f"the server is not ready ({lifecycle.phase})")
+    return services
+
+
+def _request_id(request: Request) -> str:
+    request_id: str = request.state.request_id
+    return request_id
+
+
+def require_inference_key(
+    request: Request, authorization: Annotated[str | None, Header()] = None
+) -> None:
+    """Dependency of every /v1 inference route."""
+    check_inference_key(authorization, request.app.state.settings.api_keys)
+
+
+SettingsDep = Annotated[Settings, Depends(_settings)]
+LifecycleDep = Annotated[ServiceLifecycle, Depends(_lifecycle)]
+ServicesDep = Annotated[Services, Depends(_services)]
+RequestIdDep = Annotated[str, Depends(_request_id)]

@@ -1,0 +1,1 @@
+"""OpenAI-compatible inference: chat completions and completions, routed to an adapter."""

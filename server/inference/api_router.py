@@ -1,0 +1,51 @@
+"""HTTP routes of inference: parse, call the service, answer (JSON or an SSE stream)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response, StreamingResponse
+
+from server.deps import RequestIdDep, ServicesDep, require_inference_key
+from server.inference.generation import until_disconnected
+from server.inference.protocol import ChatCompletionRequest, CompletionRequest
+from server.inference.sse import with_error_event
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_inference_key)])
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+async def _disconnected(request: Request) -> None:
+    # The body is already read, so the next message can only be the client going away.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+@router.post("/chat/completions")
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, services: ServicesDep, request_id: RequestIdDep
+) -> Response:
+    if body.stream:
+        events = await services.chat.stream(body, request_id)
+        return StreamingResponse(
+            with_error_event(events), media_type="text/event-stream", headers=SSE_HEADERS
+        )
+    answer = await until_disconnected(
+        services.chat.complete(body, request_id), lambda: _disconnected(request)
+    )
+    return Response(answer.model_dump_json(exclude_unset=True), media_type="application/json")
+
+
+@router.post("/completions")
+async def completions(
+    body: CompletionRequest, request: Request, services: ServicesDep, request_id: RequestIdDep
+) -> Response:
+    if body.stream:
+        events = await services.completions.stream(body, request_id)
+        return StreamingResponse(
+            with_error_event(events), media_type="text/event-stream", headers=SSE_HEADERS
+        )
+    answer = await until_disconnected(
+        services.completions.complete(body, request_id), lambda: _disconnected(request)
+    )
+    return Response(answer.model_dump_json(exclude_unset=True), media_type="application/json")

@@ -1,0 +1,179 @@
+"""Running one request on the engine: errors settled before the first byte, outputs collected.
+
+Shared by chat completions and completions; knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from server.errors import BadRequest, ServiceError, ServiceUnavailable
+from server.inference.protocol import SamplingRequest
+from server.inference_engine import (
+    AdapterRef,
+    EngineDeadError,
+    EngineError,
+    GenerationChunk,
+    InferenceEngine,
+    Prompt,
+    Sampling,
+    TokenLogprob,
+)
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# vLLM reports aborted/stopped sequences with reasons OpenAI has no name for.
+_FINISH_REASONS = {"length": "length"}
+
+
+def openai_finish_reason(reason: str | None) -> str | None:
+    """OpenAI's finish_reason for vLLM's: `length` stays, any other end is `stop`."""
+    if reason is None:
+        return None
+    return _FINISH_REASONS.get(reason, "stop")
+
+
+def sampling_from(
+    request: SamplingRequest, max_tokens: int | None, logprobs: int | None
+) -> Sampling:
+    """Engine sampling parameters for an OpenAI request (OpenAI's defaults where it is silent)."""
+    json_schema = None
+    json_object = False
+    if request.response_format is not None:
+        if request.response_format.type == "json_schema" and request.response_format.json_schema:
+            json_schema = request.response_format.json_schema.schema_
+        json_object = request.response_format.type == "json_object"
+    return Sampling(
+        max_tokens=max_tokens,
+        temperature=1.0 if request.temperature is None else request.temperature,
+        top_p=1.0 if request.top_p is None else request.top_p,
+        top_k=0 if request.top_k is None else request.top_k,
+        min_tokens=request.min_tokens,
+        seed=request.seed,
+        n=request.n,
+        stop=request.stop_list(),
+        presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty,
+        repetition_penalty=request.repetition_penalty or 1.0,
+        logprobs=logprobs,
+        ignore_eos=request.ignore_eos,
+        json_schema=json_schema,
+        json_object=json_object,
+    )
+
+
+def service_error(exc: EngineError) -> ServiceError:
+    """The client-facing error for an engine failure (details of server faults stay in the log)."""
+    if isinstance(exc, EngineDeadError):
+        return ServiceUnavailable("the inference engine is not available")
+    if exc.is_client_fault:
+        return BadRequest(str(exc))
+    logger.error("engine error: %s", exc)
+    return ServiceError("the inference engine failed on this request")
+
+
+async def _prepend(
+    first: GenerationChunk, rest: AsyncIterator[GenerationChunk]
+) -> AsyncIterator[GenerationChunk]:
+    yield first
+    async for chunk in rest:
+        yield chunk
+
+
+async def open_generation(
+    engine: InferenceEngine,
+    request_id: str,
+    prompt: Prompt,
+    sampling: Sampling,
+    adapter: AdapterRef | None,
+) -> AsyncIterator[GenerationChunk]:
+    """Submit a request and wait for its first output, so input errors raise before any byte.
+
+    The returned stream aborts the engine request if it is closed before the request finished
+    (a client that went away, or a cancelled handler).
+    """
+    stream = engine.generate(request_id, prompt, sampling, adapter)
+    try:
+        first = await anext(stream)
+    except EngineError as exc:
+        raise service_error(exc) from exc
+    return _guarded(engine, request_id, _prepend(first, stream))
+
+
+async def _guarded(
+    engine: InferenceEngine, request_id: str, stream: AsyncIterator[GenerationChunk]
+) -> AsyncIterator[GenerationChunk]:
+    finished = False
+    try:
+        async for chunk in stream:
+            finished = chunk.finished
+            yield chunk
+    except EngineError as exc:
+        raise service_error(exc) from exc
+    finally:
+        if not finished:
+            await asyncio.shield(engine.abort(request_id))
+
+
+@dataclass
+class ChoiceResult:
+    """One completion, collected."""
+
+    index: int
+    text: str = ""
+    token_count: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+@dataclass
+class GenerationResult:
+    """A whole request, collected: what a non-streaming response needs."""
+
+    prompt_tokens: int = 0
+    choices: dict[int, ChoiceResult] = field(default_factory=dict)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(choice.token_count for choice in self.choices.values())
+
+    def add(self, chunk: GenerationChunk, index_offset: int = 0) -> None:
+        self.prompt_tokens = chunk.prompt_token_count
+        for delta in chunk.completions:
+            index = delta.index + index_offset
+            choice = self.choices.setdefault(index, ChoiceResult(index))
+            choice.text += delta.text
+            choice.token_count += len(delta.token_ids)
+            choice.logprobs.extend(delta.logprobs or [])
+            choice.finish_reason = openai_finish_reason(delta.finish_reason)
+
+
+async def collect(
+    stream: AsyncIterator[GenerationChunk], index_offset: int = 0
+) -> GenerationResult:
+    """Read a stream to its end."""
+    result = GenerationResult()
+    async for chunk in stream:
+        result.add(chunk, index_offset)
+    return result
+
+
+async def until_disconnected(work: Awaitable[T], disconnected: Callable[[], Awaitable[None]]) -> T:
+    """Run `work` unless the client goes away first; then cancel it (which aborts the engine)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        raise asyncio.CancelledError("client disconnected")
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()

@@ -1,0 +1,129 @@
+"""Decoding of images and audio sent in requests, with size limits, into what the engine takes."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import warnings
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+import soundfile
+from PIL import Image, UnidentifiedImageError
+
+from server.errors import BadRequest, PayloadTooLarge
+from server.inference_engine import AUDIO_SAMPLE_RATE
+
+IMAGE_FORMATS = {"PNG", "JPEG", "WEBP"}
+
+
+@dataclass(frozen=True)
+class MediaLimits:
+    """Per-item limits; a request over them gets 413."""
+
+    max_image_bytes: int
+    max_image_pixels: int
+    max_audio_bytes: int
+    max_audio_seconds: float
+    allow_remote_images: bool
+    remote_timeout_seconds: float
+
+
+def _b64decode(data: str, what: str, param: str) -> bytes:
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest(f"{what} is not valid base64", param=param) from None
+
+
+def _check_size(size: int, limit: int, what: str, param: str) -> None:
+    if size > limit:
+        raise PayloadTooLarge(f"{what} is {size} bytes; the limit is {limit}", param=param)
+
+
+async def _fetch(url: str, limits: MediaLimits, param: str) -> bytes:
+    """Download an image URL, refusing it as soon as it passes the size limit."""
+    try:
+        async with (
+            httpx.AsyncClient(timeout=limits.remote_timeout_seconds) as client,
+            client.stream("GET", url, follow_redirects=True) as response,
+        ):
+            if response.status_code != 200:
+                raise BadRequest(f"image URL answered HTTP {response.status_code}", param=param)
+            data = bytearray()
+            async for piece in response.aiter_bytes():
+                data.extend(piece)
+                _check_size(len(data), limits.max_image_bytes, "image", param)
+            return bytes(data)
+    except httpx.HTTPError as exc:
+        raise BadRequest(f"could not fetch image URL ({type(exc).__name__})", param=param) from None
+
+
+async def load_image(url: str, limits: MediaLimits, param: str) -> Image.Image:
+    """An RGB image from a base64 data URL (or an http(s) URL when allowed)."""
+    if url.startswith("data:"):
+        header, _, payload = url.partition(",")
+        if not header.endswith(";base64"):
+            raise BadRequest("image data URLs must be base64 encoded", param=param)
+        _check_size(len(payload) * 3 // 4, limits.max_image_bytes, "image", param)
+        data = _b64decode(payload, "image data", param)
+    elif url.startswith(("http://", "https://")):
+        if not limits.allow_remote_images:
+            raise BadRequest(
+                "image URLs are disabled on this server; send a base64 data URL", param=param
+            )
+        data = await _fetch(url, limits, param)
+    else:
+        raise BadRequest("image_url must be a data URL or an http(s) URL", param=param)
+    return decode_image(data, limits, param)
+
+
+def decode_image(data: bytes, limits: MediaLimits, param: str) -> Image.Image:
+    """Open PNG, JPEG or WebP bytes, refusing anything else and decompression bombs."""
+    _check_size(len(data), limits.max_image_bytes, "image", param)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            if image.format not in IMAGE_FORMATS:
+                raise BadRequest("image must be PNG, JPEG or WebP", param=param)
+            width, height = image.size
+            if width * height > limits.max_image_pixels:
+                raise PayloadTooLarge(
+                    f"image is {width}x{height}; the limit is {limits.max_image_pixels} pixels",
+                    param=param,
+                )
+            image.load()
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombWarning):
+        raise BadRequest("image data is not a readable image", param=param) from None
+    return image.convert("RGB")
+
+
+def decode_audio(data_b64: str, limits: MediaLimits, param: str) -> np.ndarray:
+    """16 kHz mono float32 samples from base64 audio (WAV, FLAC, OGG, MP3: libsndfile's formats)."""
+    _check_size(len(data_b64) * 3 // 4, limits.max_audio_bytes, "audio", param)
+    data = _b64decode(data_b64, "audio data", param)
+    try:
+        samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError):
+        raise BadRequest("audio data is not a readable audio file", param=param) from None
+    if len(samples) == 0:
+        raise BadRequest("audio is empty", param=param)
+    seconds = len(samples) / rate
+    if seconds > limits.max_audio_seconds:
+        raise PayloadTooLarge(
+            f"audio is {seconds:.1f} s long; the limit is {limits.max_audio_seconds} s", param=param
+        )
+    mono = samples.mean(axis=1)
+    return resample(mono, rate)
+
+
+def resample(samples: np.ndarray, rate: int) -> np.ndarray:
+    """Linear resampling to 16 kHz; enough for speech features, and needs no extra library."""
+    if rate == AUDIO_SAMPLE_RATE:
+        return samples.astype(np.float32)
+    count = round(len(samples) * AUDIO_SAMPLE_RATE / rate)
+    positions = np.linspace(0, len(samples) - 1, count)
+    return np.interp(positions, np.arange(len(samples)), samples).astype(np.float32)

@@ -1,0 +1,59 @@
+"""`GET /v1/models`: the base model and every ready adapter, in OpenAI's list shape."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter, Depends
+from openai.types import Model
+from pydantic import BaseModel
+
+from server.adapter_service import AdapterService
+from server.deps import ServicesDep, require_inference_key
+from server.errors import NotFound
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_inference_key)])
+
+OWNER = "gemma-adapter-server"
+
+
+class ModelCard(Model):
+    """OpenAI's model, plus `root` (the source) and `parent` (the base, for adapters) as vLLM."""
+
+    root: str | None = None
+    parent: str | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def model_cards(adapters: AdapterService, base_created: int) -> list[ModelCard]:
+    base = adapters.base_model_name
+    cards = [ModelCard(id=base, object="model", created=base_created, owned_by=OWNER, root=base)]
+    cards += [
+        ModelCard(
+            id=record.name,
+            object="model",
+            created=int(record.loaded_at),
+            owned_by=OWNER,
+            root=record.source,
+            parent=base,
+        )
+        for record in adapters.registry
+    ]
+    return cards
+
+
+@router.get("/models")
+async def list_models(services: ServicesDep) -> ModelList:
+    return ModelList(data=model_cards(services.adapters, services.started_at))
+
+
+@router.get("/models/{model_id}")
+async def get_model(model_id: str, services: ServicesDep) -> ModelCard:
+    for card in model_cards(services.adapters, services.started_at):
+        if card.id == model_id:
+            return card
+    raise NotFound(f"The model `{model_id}` does not exist.", param="model")

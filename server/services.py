@@ -1,0 +1,19 @@
+"""The services a running app holds once the engine is up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from server.adapter_service import AdapterService
+from server.inference.chat_serving import ChatService
+from server.inference.completion_serving import CompletionService
+from server.inference_engine import InferenceEngine
+
+
+@dataclass(frozen=True)
+class Services:
+    engine: InferenceEngine
+    adapters: AdapterService
+    chat: ChatService
+    completions: CompletionService
+    started_at: int  # unix time the base model became ready

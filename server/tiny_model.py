@@ -1,0 +1,397 @@
+"""Build a tiny, seeded, randomly initialised Gemma 4 checkpoint for tests and local runs.
+
+The checkpoint has the shape of a real Gemma 4 (`Gemma4ForConditionalGeneration` with text,
+vision and optional audio towers, a byte-level BPE tokenizer with Gemma 4's special tokens, a
+Gemma 4 style chat template and processor configs) at about 1.7 M parameters, so vLLM and
+transformers both load it offline in seconds. The same seed gives byte-identical files.
+
+Usage: `python -m server.tiny_model OUT_DIR [--seed N] [--no-audio] [--kv-shared-layers N]`
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+# Order fixes the ids: Gemma puts <pad>, <eos>, <bos> at 0, 1, 2.
+SPECIAL_TOKENS: tuple[str, ...] = (
+    "<pad>",
+    "<eos>",
+    "<bos>",
+    "<unk>",
+    "<mask>",
+    "<|turn>",
+    "<turn|>",
+    "<|think|>",
+    "<|channel>",
+    "<channel|>",
+    "<|tool>",
+    "<tool|>",
+    "<|tool_call>",
+    "<tool_call|>",
+    "<|tool_response>",
+    "<tool_response|>",
+    '<|"|>',
+    "<|image>",
+    "<image|>",
+    "<|image|>",
+    "<|audio>",
+    "<audio|>",
+    "<|audio|>",
+    "<|video|>",
+)
+
+# Attribute names under which Gemma 4's tokenizer exposes its special tokens (tokenizer_config).
+NAMED_SPECIAL_TOKENS: dict[str, str] = {
+    "image_token": "<|image|>",
+    "boi_token": "<|image>",
+    "eoi_token": "<image|>",
+    "audio_token": "<|audio|>",
+    "boa_token": "<|audio>",
+    "eoa_token": "<audio|>",
+    "sot_token": "<|turn>",
+    "eot_token": "<turn|>",
+    "soc_token": "<|channel>",
+    "eoc_token": "<channel|>",
+    "think_token": "<|think|>",
+    "escape_token": '<|"|>',
+    "std_token": "<|tool>",
+    "etd_token": "<tool|>",
+    "stc_token": "<|tool_call>",
+    "etc_token": "<tool_call|>",
+    "str_token": "<|tool_response>",
+    "etr_token": "<tool_response|>",
+}
+
+VOCAB_SIZE = 4096
+IMAGE_SOFT_TOKENS = 70
+MEL_FEATURE_SIZE = 128
+SAMPLING_RATE = 16_000
+
+# Gemma 4 turn format; the template emits <bos> itself because vLLM adds none for Gemma 4.
+CHAT_TEMPLATE = """\
+{{- bos_token -}}
+{%- macro render_content(content) -%}
+    {%- if content is string -%}
+        {{- content | trim -}}
+    {%- elif content is iterable and content is not mapping -%}
+        {%- for part in content -%}
+            {%- if part['type'] == 'text' -%}
+                {{- part['text'] | trim -}}
+            {%- elif part['type'] == 'image' -%}
+                {{- '\\n\\n<|image|>\\n\\n' -}}
+            {%- elif part['type'] == 'audio' -%}
+                {{- '\\n\\n<|audio|>\\n\\n' -}}
+            {%- elif part['type'] == 'video' -%}
+                {{- '\\n\\n<|video|>\\n\\n' -}}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- endif -%}
+{%- endmacro -%}
+{%- for message in messages -%}
+    {%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
+    {{- '<|turn>' + role + '\\n' -}}
+    {{- render_content(message['content']) | trim -}}
+    {{- '<turn|>\\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '<|turn>model\\n' -}}
+{%- endif -%}
+"""
+
+# Tokenizer training text: fixed prose plus seeded pseudo-words, enough to fill the vocabulary.
+_TRAINING_PROSE = """\
+The quick brown fox jumps over the lazy dog. A server answers many requests at once, and each
+request may name a different adapter. Small models make fast tests: they load in seconds, use
+little memory and still exercise every code path of the engine. Images become patches, patches
+become soft tokens, and soft tokens sit in the prompt between the begin and end markers. Audio
+is cut into frames of twenty milliseconds, turned into mel features and pooled by convolutions.
+Hello! How are you today? I am fine, thank you. What is the weather like in Paris, London,
+Tokyo, Nairobi or Lima? It is sunny, cloudy, rainy, windy or snowy. Numbers: 0 1 2 3 4 5 6 7 8
+9 10 42 100 256 1024 2048 4096 65536. Code: def main(): return {"ok": True, "items": [1, 2, 3]}
+"""
+_SYLLABLES = tuple(c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou")
+
+
+def _training_text() -> list[str]:
+    words = random.Random(4096)
+    lines = [_TRAINING_PROSE]
+    for _ in range(400):
+        line = " ".join(
+            "".join(words.choice(_SYLLABLES) for _ in range(words.randint(1, 4)))
+            for _ in range(words.randint(6, 14))
+        )
+        lines.append(line.capitalize() + ".")
+    return lines
+
+
+def _build_tokenizer() -> Any:
+    """Train a byte-level BPE of exactly VOCAB_SIZE ids, special tokens first."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_training_text(), trainer=trainer)
+    # Fill any ids the text could not, so every id the model can emit decodes.
+    missing = VOCAB_SIZE - tokenizer.get_vocab_size()
+    if missing > 0:
+        tokenizer.add_special_tokens([f"<unused{i}>" for i in range(missing)])
+    if tokenizer.get_vocab_size() != VOCAB_SIZE:
+        raise RuntimeError(f"tokenizer has {tokenizer.get_vocab_size()} ids, not {VOCAB_SIZE}")
+    return tokenizer
+
+
+def _token_ids(tokenizer: Any) -> dict[str, int]:
+    def token_id(token: str) -> int:
+        value = tokenizer.token_to_id(token)
+        if value is None:
+            raise RuntimeError(f"special token {token!r} missing from the tokenizer")
+        return int(value)
+
+    return {
+        "pad": token_id("<pad>"),
+        "eos": token_id("<eos>"),
+        "bos": token_id("<bos>"),
+        "end_of_turn": token_id("<turn|>"),
+        "image": token_id("<|image|>"),
+        "boi": token_id("<|image>"),
+        "eoi": token_id("<image|>"),
+        "audio": token_id("<|audio|>"),
+        "boa": token_id("<|audio>"),
+        "eoa": token_id("<audio|>"),
+        "video": token_id("<|video|>"),
+    }
+
+
+def _layer_types(kv_shared_layers: int) -> list[str]:
+    # Shared layers come after the four own-KV layers and reuse the last own layer of their
+    # type, so both types must exist before them; the last layer must be full attention.
+    own = ["sliding_attention"] * 3 + ["full_attention"]
+    shared = ["sliding_attention"] * kv_shared_layers
+    if shared:
+        shared[-1] = "full_attention"
+    return own + shared
+
+
+def tiny_config(*, audio: bool = True, kv_shared_layers: int = 0, token_ids: dict[str, int]) -> Any:
+    """The `Gemma4Config` of the tiny model (shapes from ENGINE-NOTES)."""
+    from transformers.models.gemma4.configuration_gemma4 import Gemma4Config
+
+    layer_types = _layer_types(kv_shared_layers)
+    text_config = {
+        "vocab_size": VOCAB_SIZE,
+        "vocab_size_per_layer_input": VOCAB_SIZE,
+        "hidden_size": 128,
+        "hidden_size_per_layer_input": 16,
+        "intermediate_size": 256,
+        "num_hidden_layers": len(layer_types),
+        "layer_types": layer_types,
+        "num_kv_shared_layers": kv_shared_layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "head_dim": 32,
+        "global_head_dim": 64,
+        "sliding_window": 64,
+        "max_position_embeddings": 2048,
+        "final_logit_softcapping": 30.0,
+        "pad_token_id": token_ids["pad"],
+        "eos_token_id": token_ids["eos"],
+        "bos_token_id": token_ids["bos"],
+        "dtype": "float32",
+    }
+    vision_config = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "patch_size": 16,
+        "pooling_kernel_size": 3,
+        "position_embedding_size": 1024,
+        # vLLM sizes image placeholders from it; transformers' config class does not define it.
+        "default_output_length": IMAGE_SOFT_TOKENS,
+        "dtype": "float32",
+    }
+    audio_config = {
+        "hidden_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        # The first conv's channels must equal the mel feature size, or vLLM's worker hangs.
+        "subsampling_conv_channels": [MEL_FEATURE_SIZE, 8],
+        "output_proj_dims": 64,
+        "dtype": "float32",
+    }
+    return Gemma4Config(
+        text_config=text_config,
+        vision_config=vision_config,
+        audio_config=audio_config if audio else None,
+        boi_token_id=token_ids["boi"],
+        eoi_token_id=token_ids["eoi"],
+        image_token_id=token_ids["image"],
+        video_token_id=token_ids["video"],
+        boa_token_id=token_ids["boa"],
+        eoa_token_index=token_ids["eoa"],
+        eoa_token_id=token_ids["eoa"],
+        audio_token_id=token_ids["audio"],
+        architectures=["Gemma4ForConditionalGeneration"],
+        dtype="float32",
+    )
+
+
+def _tokenizer_config() -> dict[str, Any]:
+    return {
+        "backend": "tokenizers",
+        "tokenizer_class": "TokenizersBackend",
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",
+        "pad_token": "<pad>",
+        "unk_token": "<unk>",
+        "mask_token": "<mask>",
+        **NAMED_SPECIAL_TOKENS,
+        "extra_special_tokens": ["<|video|>"],
+        "padding_side": "left",
+        "processor_class": "Gemma4Processor",
+    }
+
+
+def _processor_config(*, audio: bool) -> dict[str, Any]:
+    """Processor config as transformers writes it for Gemma 4 (names of the torchvision classes)."""
+    image_processor = {
+        "image_processor_type": "Gemma4ImageProcessor",
+        "do_convert_rgb": True,
+        "do_normalize": False,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": [0.0, 0.0, 0.0],
+        "image_std": [1.0, 1.0, 1.0],
+        "image_seq_length": IMAGE_SOFT_TOKENS,
+        "max_soft_tokens": IMAGE_SOFT_TOKENS,
+        "patch_size": 16,
+        "pooling_kernel_size": 3,
+        "resample": 3,
+        "rescale_factor": 1 / 255,
+    }
+    video_processor = {
+        "video_processor_type": "Gemma4VideoProcessor",
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "do_sample_frames": True,
+        "image_mean": [0.0, 0.0, 0.0],
+        "image_std": [1.0, 1.0, 1.0],
+        "max_soft_tokens": 70,
+        "num_frames": 32,
+        "patch_size": 16,
+        "pooling_kernel_size": 3,
+        "resample": 3,
+        "rescale_factor": 1 / 255,
+        "return_metadata": False,
+    }
+    # Gemma4Processor always takes a feature extractor, even for a model without audio.
+    feature_extractor = {
+        "feature_extractor_type": "Gemma4AudioFeatureExtractor",
+        "feature_size": MEL_FEATURE_SIZE,
+        "sampling_rate": SAMPLING_RATE,
+        "frame_length_ms": 20.0,
+        "hop_length_ms": 10.0,
+        "min_frequency": 0.0,
+        "max_frequency": 8000.0,
+        "mel_floor": 0.001,
+        "padding_side": "right",
+        "padding_value": 0.0,
+        "return_attention_mask": True,
+    }
+    del audio  # the same processor serves both variants; the model config decides
+    return {
+        "processor_class": "Gemma4Processor",
+        "image_seq_length": IMAGE_SOFT_TOKENS,
+        "audio_seq_length": 750,
+        "audio_ms_per_token": 40,
+        "image_processor": image_processor,
+        "video_processor": video_processor,
+        "feature_extractor": feature_extractor,
+    }
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def build_tiny_model(
+    out_dir: Path, *, seed: int = 0, audio: bool = True, kv_shared_layers: int = 0
+) -> Path:
+    """Write the tiny Gemma 4 checkpoint to `out_dir` (created if needed) and return it.
+
+    The weights are float32, drawn from transformers' own initialisation under `torch`'s
+    generator seeded with `seed`; the tokenizer does not depend on the seed. `audio=False`
+    leaves the audio tower out; `kv_shared_layers=N` appends N layers that reuse the KV cache
+    of earlier layers, as the real E2B/E4B checkpoints do.
+    """
+    import torch
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4ForConditionalGeneration
+
+    if kv_shared_layers < 0:
+        raise ValueError("kv_shared_layers must be >= 0")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = _build_tokenizer()
+    token_ids = _token_ids(tokenizer)
+    config = tiny_config(audio=audio, kv_shared_layers=kv_shared_layers, token_ids=token_ids)
+
+    torch.manual_seed(seed)
+    model = Gemma4ForConditionalGeneration(config).to(torch.float32).eval()
+    model.save_pretrained(out_dir, safe_serialization=True)
+
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    _write_json(out_dir / "tokenizer_config.json", _tokenizer_config())
+    _write_json(out_dir / "processor_config.json", _processor_config(audio=audio))
+    (out_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
+    _write_json(
+        out_dir / "generation_config.json",
+        {
+            "bos_token_id": token_ids["bos"],
+            "eos_token_id": [token_ids["eos"], token_ids["end_of_turn"]],
+            "pad_token_id": token_ids["pad"],
+        },
+    )
+    logger.info("tiny Gemma 4 written to %s (seed %d)", out_dir, seed)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("out_dir", type=Path, help="directory to write the checkpoint to")
+    parser.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    parser.add_argument("--no-audio", action="store_true", help="leave the audio tower out")
+    parser.add_argument(
+        "--kv-shared-layers", type=int, default=0, help="layers that reuse earlier layers' KV"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    build_tiny_model(
+        args.out_dir,
+        seed=args.seed,
+        audio=not args.no_audio,
+        kv_shared_layers=args.kv_shared_layers,
+    )
+
+
+if __name__ == "__main__":
+    main()
