@@ -111,7 +111,7 @@ def write_demo_adapter(
     _fill_lora_weights(peft_model, spec, seed)
     peft_model.peft_config["default"].base_model_name_or_path = model_dir.resolve().name
     # No embedding layer is adapted; saying so skips PEFT's look-up of the base model by name.
-    peft_model.save_pretrained(out_dir, save_embedding_layers=False)
+    peft_model.save_pretrained(str(out_dir), save_embedding_layers=False)
     # PEFT also writes a model card naming the local path; the adapter is the two other files.
     (out_dir / "README.md").unlink(missing_ok=True)
     return out_dir

@@ -53,12 +53,13 @@ def _adapter_error(exc: AdapterError) -> ServiceError:
     return _ADAPTER_ERRORS.get(type(exc), BadRequest)(exc.message)
 
 
-def _validation_message(exc: RequestValidationError) -> str:
+def _validation_error(exc: RequestValidationError) -> BadRequest:
+    """400 naming the first bad field (FastAPI's 422 lists everything, with the input echoed)."""
     first = exc.errors()[0]
     if first.get("type") == "json_invalid":
-        return "request body is not valid JSON"
+        return BadRequest("request body is not valid JSON")
     where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
-    return f"{where or 'body'}: {first.get('msg', 'invalid value')}"
+    return BadRequest(f"{where or 'body'}: {first.get('msg', 'invalid value')}", param=where or None)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -75,7 +76,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return answer(BadRequest(_validation_message(exc)))
+        return answer(_validation_error(exc))
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> JSONResponse:

@@ -13,6 +13,8 @@ from typing import Any
 
 from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.config import StructuredOutputsConfig
+from vllm.exceptions import VLLMClientError
 from vllm.inputs import TextPrompt, TokensPrompt
 from vllm.logprobs import PromptLogprobs, SampleLogprobs
 from vllm.lora.request import LoRARequest
@@ -65,6 +67,9 @@ def engine_args(settings: Settings, model_path: str, served_name: str) -> AsyncE
             "audio": settings.max_audios_per_prompt,
             "video": 0,
         },
+        # No free whitespace between JSON tokens: a model can otherwise loop on whitespace until
+        # max_tokens and return truncated JSON.
+        structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
         # Requests are logged by the service with its own request ids.
         enable_log_requests=False,
         **{key: value for key, value in optional.items() if value is not None},
@@ -152,6 +157,12 @@ def _chunk(output: RequestOutput) -> GenerationChunk:
     )
 
 
+def _client_fault(exc: Exception) -> EngineError:
+    # The message only: VLLMValidationError's str() would echo the rejected value back.
+    message = str(exc.args[0]) if exc.args else type(exc).__name__
+    return EngineError(message, is_client_fault=True)
+
+
 class VllmEngine:
     """`InferenceEngine` on vLLM's AsyncLLM."""
 
@@ -175,8 +186,8 @@ class VllmEngine:
         """Stream output deltas; raises EngineError (client fault if vLLM rejects the input)."""
         try:
             params = sampling_params(sampling)
-        except ValueError as exc:
-            raise EngineError(str(exc), is_client_fault=True) from exc
+        except (ValueError, VLLMClientError) as exc:
+            raise _client_fault(exc) from exc
         stream = self._llm.generate(
             _engine_prompt(prompt),
             params,
@@ -188,8 +199,8 @@ class VllmEngine:
                 yield _chunk(output)
         except VllmEngineDeadError as exc:
             raise EngineDeadError("the inference engine stopped") from exc
-        except ValueError as exc:  # vLLM's input validation (prompt too long, bad media, ...)
-            raise EngineError(str(exc), is_client_fault=True) from exc
+        except (ValueError, VLLMClientError) as exc:  # vLLM's input checks: prompt length, media
+            raise _client_fault(exc) from exc
 
     async def abort(self, request_id: str) -> None:
         await self._llm.abort(request_id)

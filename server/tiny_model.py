@@ -235,6 +235,8 @@ def tiny_config(*, audio: bool = True, kv_shared_layers: int = 0, token_ids: dic
         "output_proj_dims": 64,
         "dtype": "float32",
     }
+    # vLLM reads `eoa_token_id` before transformers' `eoa_token_index`; real configs have both.
+    extra: dict[str, Any] = {"eoa_token_id": token_ids["eoa"]}
     return Gemma4Config(
         text_config=text_config,
         vision_config=vision_config,
@@ -245,10 +247,10 @@ def tiny_config(*, audio: bool = True, kv_shared_layers: int = 0, token_ids: dic
         video_token_id=token_ids["video"],
         boa_token_id=token_ids["boa"],
         eoa_token_index=token_ids["eoa"],
-        eoa_token_id=token_ids["eoa"],
         audio_token_id=token_ids["audio"],
         architectures=["Gemma4ForConditionalGeneration"],
         dtype="float32",
+        **extra,
     )
 
 
@@ -355,7 +357,7 @@ def build_tiny_model(
     config = tiny_config(audio=audio, kv_shared_layers=kv_shared_layers, token_ids=token_ids)
 
     torch.manual_seed(seed)
-    model = Gemma4ForConditionalGeneration(config).to(torch.float32).eval()
+    model = Gemma4ForConditionalGeneration(config).eval()  # float32, torch's default dtype
     model.save_pretrained(out_dir, safe_serialization=True)
 
     tokenizer.save(str(out_dir / "tokenizer.json"))

@@ -36,7 +36,7 @@ def _load(model_dir: str, adapter_dir: str | None) -> tuple[Any, Any]:
 
     gemma4_processor.apply()  # transformers' Gemma 4 processor needs it without torchvision
     processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
-    model = Gemma4ForConditionalGeneration.from_pretrained(
+    model: Any = Gemma4ForConditionalGeneration.from_pretrained(
         model_dir, dtype=torch.float32, local_files_only=True
     )
     if adapter_dir is not None:

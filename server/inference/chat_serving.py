@@ -60,7 +60,7 @@ class ChatService:
         self, engine: InferenceEngine, renderer: ChatRenderer, resolve_model: ModelResolver
     ) -> None:
         self._engine = engine
-        self._renderer = renderer
+        self.renderer = renderer
         self._resolve_model = resolve_model
 
     async def _open(
@@ -69,7 +69,7 @@ class ChatService:
         adapter = self._resolve_model(request.model)
         if request.top_logprobs and not request.logprobs:
             raise BadRequest("top_logprobs needs logprobs set to true", param="top_logprobs")
-        prompt = await self._renderer.render(request.messages)
+        prompt = await self.renderer.render(request.messages)
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         sampling = sampling_from(request, request.token_limit(), logprobs)
         return await open_generation(self._engine, request_id, prompt, sampling, adapter)

@@ -9,7 +9,8 @@ vLLM ships without it, because no CPU torchvision exists for torch 2.13):
 - `Gemma4Processor.__init__` needs a video processor, but the auto class for Gemma 4 video is
   torchvision-only and transformers' own check of the video argument looks its base class up
   among torchvision-gated names. We register a stand-in that refuses every video with a clear
-  `ValueError`, and accept it in `Gemma4Processor`'s argument check.
+  `ValueError`, and accept it in `Gemma4Processor`'s argument check. (vLLM's Gemma 4 code
+  sends video frames through the image processor and never calls the video processor.)
 
 Nothing changes when torchvision can be found, or when transformers has no Gemma 4 modules.
 """
@@ -93,14 +94,14 @@ def _refusing_video_processor_class() -> type:
         max_soft_tokens: int
         pooling_kernel_size: int
 
-    class Gemma4VideoProcessor(BaseVideoProcessor):  # type: ignore[misc]
+    class Gemma4VideoProcessor(BaseVideoProcessor):
         """Stand-in for transformers' `Gemma4VideoProcessor` that refuses every video.
 
         It keeps transformers' class name so that checkpoints naming `Gemma4VideoProcessor` in
         their processor config resolve to it, and saving a processor writes the real name.
         """
 
-        valid_kwargs = Gemma4VideoProcessorKwargs
+        valid_kwargs = Gemma4VideoProcessorKwargs  # type: ignore[assignment]
         patch_size = 16
         max_soft_tokens = 70
         pooling_kernel_size = 3

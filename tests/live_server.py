@@ -1,0 +1,65 @@
+"""The service on a real socket, in the test's event loop, sharing the session's engine."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import httpx
+import uvicorn
+from fastapi import FastAPI
+
+from server.app import create_app
+from server.inference_engine import InferenceEngine
+from server.settings import Settings
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class LiveServer:
+    app: FastAPI
+    base_url: str  # http://127.0.0.1:PORT
+
+    @property
+    def v1(self) -> str:
+        return f"{self.base_url}/v1"
+
+
+async def wait_ready(base_url: str, timeout: float = 300.0) -> None:
+    """Poll /ready until it answers 200."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    async with httpx.AsyncClient() as client:
+        while True:
+            try:
+                if (await client.get(f"{base_url}/ready")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"{base_url} not ready after {timeout} s")
+            await asyncio.sleep(0.2)
+
+
+@asynccontextmanager
+async def live_server(settings: Settings, engine: InferenceEngine) -> AsyncIterator[LiveServer]:
+    """Serve `create_app(settings, engine)` with uvicorn on a free loopback port."""
+    port = free_port()
+    app = create_app(settings, engine=engine)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        await wait_ready(base_url)
+        yield LiveServer(app, base_url)
+    finally:
+        server.should_exit = True
+        await task
