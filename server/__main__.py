@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from types import FrameType
 
 import uvicorn
 
@@ -22,9 +23,9 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self._lifecycle = lifecycle
 
-    def handle_exit(self, sig: int, frame: object) -> None:
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self._lifecycle.drain()
-        super().handle_exit(sig, frame)  # type: ignore[arg-type]
+        super().handle_exit(sig, frame)
 
 
 def configure_logging(level: str) -> None:
@@ -38,7 +39,7 @@ def configure_logging(level: str) -> None:
 
 def main() -> None:
     """Parse settings from the environment and flags, then serve until stopped."""
-    settings = Settings(_cli_parse_args=True)  # type: ignore[call-arg]
+    settings = Settings(_cli_parse_args=True)
     configure_logging(settings.log_level)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the service never downloads a model
     app = create_app(settings)

@@ -59,7 +59,9 @@ def _validation_error(exc: RequestValidationError) -> BadRequest:
     if first.get("type") == "json_invalid":
         return BadRequest("request body is not valid JSON")
     where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
-    return BadRequest(f"{where or 'body'}: {first.get('msg', 'invalid value')}", param=where or None)
+    return BadRequest(
+        f"{where or 'body'}: {first.get('msg', 'invalid value')}", param=where or None
+    )
 
 
 def _install_error_handlers(app: FastAPI) -> None:

@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from vllm import SamplingParams
-from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.config import StructuredOutputsConfig
+from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
 from vllm.inputs import TextPrompt, TokensPrompt
 from vllm.logprobs import PromptLogprobs, SampleLogprobs
@@ -69,7 +69,9 @@ def engine_args(settings: Settings, model_path: str, served_name: str) -> AsyncE
         },
         # No free whitespace between JSON tokens: a model can otherwise loop on whitespace until
         # max_tokens and return truncated JSON.
-        structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
+        structured_outputs_config=StructuredOutputsConfig(
+            backend="xgrammar", disable_any_whitespace=True
+        ),
         # Requests are logged by the service with its own request ids.
         enable_log_requests=False,
         **{key: value for key, value in optional.items() if value is not None},

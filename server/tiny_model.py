@@ -270,7 +270,7 @@ def _tokenizer_config() -> dict[str, Any]:
     }
 
 
-def _processor_config(*, audio: bool) -> dict[str, Any]:
+def _processor_config() -> dict[str, Any]:
     """Processor config as transformers writes it for Gemma 4 (names of the torchvision classes)."""
     image_processor = {
         "image_processor_type": "Gemma4ImageProcessor",
@@ -304,7 +304,7 @@ def _processor_config(*, audio: bool) -> dict[str, Any]:
         "rescale_factor": 1 / 255,
         "return_metadata": False,
     }
-    # Gemma4Processor always takes a feature extractor, even for a model without audio.
+    # Gemma4Processor always takes a feature extractor, even for a model without audio tower.
     feature_extractor = {
         "feature_extractor_type": "Gemma4AudioFeatureExtractor",
         "feature_size": MEL_FEATURE_SIZE,
@@ -318,7 +318,6 @@ def _processor_config(*, audio: bool) -> dict[str, Any]:
         "padding_value": 0.0,
         "return_attention_mask": True,
     }
-    del audio  # the same processor serves both variants; the model config decides
     return {
         "processor_class": "Gemma4Processor",
         "image_seq_length": IMAGE_SOFT_TOKENS,
@@ -362,7 +361,7 @@ def build_tiny_model(
 
     tokenizer.save(str(out_dir / "tokenizer.json"))
     _write_json(out_dir / "tokenizer_config.json", _tokenizer_config())
-    _write_json(out_dir / "processor_config.json", _processor_config(audio=audio))
+    _write_json(out_dir / "processor_config.json", _processor_config())
     (out_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
     _write_json(
         out_dir / "generation_config.json",

@@ -18,7 +18,7 @@ from server.default_model import DefaultModel
 from server.engine import VllmEngine
 from tests.conftest import engine_settings
 from tests.live_server import LiveServer, live_server
-from tests.test_api_openai import BASE, png_data_url, wav_base64
+from tests.test_api_openai import BASE, png_data_url
 
 KEY = "inference-key-1"
 
@@ -52,7 +52,10 @@ def png_of_size(side: int) -> str:
 
 
 NOT_AN_IMAGE = "data:image/png;base64," + base64.b64encode(b"this is plain text").decode()
-NOT_AUDIO = {"type": "input_audio", "input_audio": {"data": base64.b64encode(b"noise" * 99).decode()}}
+NOT_AUDIO = {
+    "type": "input_audio",
+    "input_audio": {"data": base64.b64encode(b"noise" * 99).decode()},
+}
 LONG_TEXT = " ".join(["word"] * 4000)
 RANDOM_BYTES = base64.b64encode(np.random.default_rng(0).bytes(5 * 2**20)).decode()
 

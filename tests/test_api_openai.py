@@ -91,7 +91,7 @@ async def test_chat_routes_each_model_to_its_adapter(
     answers = {}
     for model in [BASE, *ADAPTERS]:
         reply = await client.chat.completions.create(
-            model=model, messages=messages(kind), max_tokens=MAX_TOKENS, temperature=0  # type: ignore[arg-type]
+            model=model, messages=messages(kind), max_tokens=MAX_TOKENS, temperature=0
         )
         assert reply.model == model
         assert reply.choices[0].finish_reason in ("stop", "length")
@@ -107,11 +107,11 @@ async def test_sync_client_stream_joins_to_the_same_text(api: LiveServer, model:
     def call() -> tuple[str, str, list[str], object]:
         client = openai.OpenAI(base_url=api.v1, api_key="unused", max_retries=0)
         whole = client.chat.completions.create(
-            model=model, messages=messages("image"), max_tokens=MAX_TOKENS, temperature=0  # type: ignore[arg-type]
+            model=model, messages=messages("image"), max_tokens=MAX_TOKENS, temperature=0
         )
         stream = client.chat.completions.create(
             model=model,
-            messages=messages("image"),  # type: ignore[arg-type]
+            messages=messages("image"),
             max_tokens=MAX_TOKENS,
             temperature=0,
             stream=True,
@@ -148,26 +148,30 @@ async def test_sampling_parameters_are_applied(api: LiveServer) -> None:
     client = async_client(api)
     common = {"model": "demo-attn", "messages": messages("text"), "max_tokens": 8}
     seeded = [
-        (await client.chat.completions.create(**common, temperature=1.0, seed=7, top_p=0.9, extra_body={"top_k": 50}))  # type: ignore[call-overload]
+        (
+            await client.chat.completions.create(
+                **common, temperature=1.0, seed=7, top_p=0.9, extra_body={"top_k": 50}
+            )
+        )
         .choices[0]
         .message.content
         for _ in range(2)
     ]
     assert seeded[0] == seeded[1]
-    many = await client.chat.completions.create(**common, n=3, temperature=1.0, seed=1)  # type: ignore[call-overload]
+    many = await client.chat.completions.create(**common, n=3, temperature=1.0, seed=1)
     assert [c.index for c in many.choices] == [0, 1, 2]
     logprobs = await client.chat.completions.create(
-        **common, temperature=0, logprobs=True, top_logprobs=3  # type: ignore[call-overload]
+        **common, temperature=0, logprobs=True, top_logprobs=3
     )
     content = logprobs.choices[0].logprobs.content
     assert len(content) == 8 and all(len(step.top_logprobs) == 3 for step in content)
     assert content[0].logprob == pytest.approx(content[0].top_logprobs[0].logprob)
     stopped = await client.chat.completions.create(
-        **common, temperature=0, stop=[logprobs.choices[0].message.content[2:5]]  # type: ignore[call-overload, index]
+        **common, temperature=0, stop=[logprobs.choices[0].message.content[2:5]]
     )
     assert stopped.choices[0].finish_reason == "stop"
     penalised = await client.chat.completions.create(
-        **common, temperature=0, presence_penalty=2.0, frequency_penalty=2.0  # type: ignore[call-overload]
+        **common, temperature=0, presence_penalty=2.0, frequency_penalty=2.0
     )
     assert penalised.choices[0].message.content is not None
 
@@ -185,10 +189,13 @@ async def test_json_schema_response_validates(api: LiveServer) -> None:
     }
     reply = await async_client(api).chat.completions.create(
         model="demo-all",
-        messages=messages("text"),  # type: ignore[arg-type]
+        messages=messages("text"),
         max_tokens=60,
         temperature=0,
-        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}},
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "person", "schema": schema},
+        },
     )
     jsonschema.validate(json.loads(reply.choices[0].message.content or ""), schema)
 
@@ -196,7 +203,7 @@ async def test_json_schema_response_validates(api: LiveServer) -> None:
 async def test_json_object_response_parses(api: LiveServer) -> None:
     reply = await async_client(api).chat.completions.create(
         model="demo-mlp",
-        messages=messages("text"),  # type: ignore[arg-type]
+        messages=messages("text"),
         max_tokens=100,
         temperature=0,
         response_format={"type": "json_object"},
@@ -214,7 +221,7 @@ async def test_concurrent_requests_each_get_their_adapter(api: LiveServer) -> No
 
     async def ask(model: str) -> str:
         reply = await client.chat.completions.create(
-            model=model, messages=messages("text"), max_tokens=MAX_TOKENS, temperature=0  # type: ignore[arg-type]
+            model=model, messages=messages("text"), max_tokens=MAX_TOKENS, temperature=0
         )
         return reply.choices[0].message.content or ""
 
@@ -254,13 +261,15 @@ async def test_client_disconnect_aborts_the_engine_request(
         "ignore_eos": True,
         "stream": True,
     }
-    async with httpx.AsyncClient(base_url=api.base_url, timeout=60) as http:
-        async with http.stream("POST", "/v1/chat/completions", json=body) as response:
-            assert response.status_code == 200
-            lines = response.aiter_lines()
-            while engine.running_request_count() == 0:
-                await anext(lines)
-            assert engine.running_request_count() == 1
+    async with (
+        httpx.AsyncClient(base_url=api.base_url, timeout=60) as http,
+        http.stream("POST", "/v1/chat/completions", json=body) as response,
+    ):
+        assert response.status_code == 200
+        lines = response.aiter_lines()
+        while engine.running_request_count() == 0:
+            await anext(lines)
+        assert engine.running_request_count() == 1
     for _ in range(100):  # the server notices the closed socket within a few event-loop turns
         if engine.running_request_count() == 0:
             break

@@ -82,7 +82,7 @@ class ChatService:
             Choice(
                 index=choice.index,
                 message=ChatCompletionMessage(role="assistant", content=choice.text),
-                finish_reason=choice.finish_reason or "stop",  # type: ignore[arg-type]
+                finish_reason=choice.finish_reason or "stop",
                 logprobs=ChoiceLogprobs(content=_token_logprobs(choice.logprobs, top))
                 if request.logprobs
                 else None,
@@ -149,7 +149,7 @@ class ChatService:
                     ChunkChoice(
                         index=delta.index,
                         delta=ChoiceDelta(content=delta.text),
-                        finish_reason=openai_finish_reason(delta.finish_reason),  # type: ignore[arg-type]
+                        finish_reason=openai_finish_reason(delta.finish_reason),
                         logprobs=logprobs,
                     )
                 )

@@ -69,7 +69,7 @@ class CompletionService:
         return CompletionChoice(
             index=choice.index,
             text=choice.text,
-            finish_reason=choice.finish_reason or "stop",  # type: ignore[arg-type]
+            finish_reason=choice.finish_reason or "stop",
             logprobs=_legacy_logprobs(choice.logprobs) if request.logprobs is not None else None,
         )
 
@@ -125,7 +125,7 @@ class CompletionService:
                         CompletionChoice.model_construct(
                             index=i * request.n + delta.index,
                             text=delta.text,
-                            finish_reason=openai_finish_reason(delta.finish_reason),
+                            finish_reason=openai_finish_reason(delta.finish_reason),  # type: ignore[arg-type]
                             logprobs=logprobs,
                         )
                     )
