@@ -1,0 +1,77 @@
+"""`python -m server` as a user runs it: a real process, its engine, and a graceful SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import httpx
+import psutil
+import pytest
+
+from server.default_model import DefaultModel
+from tests.live_server import free_port, wait_ready
+
+
+@pytest.fixture
+def server_process(tiny: DefaultModel) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "server",
+        "--cache-dir",
+        str(tiny.model_dir.parent),
+        "--port",
+        str(port),
+        "--max-model-len",
+        "1024",
+        "--kv-cache-memory-bytes",
+        str(64 * 2**20),
+        "--drain-timeout-seconds",
+        "60",
+    ]
+    process = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        yield process, f"http://127.0.0.1:{port}"
+    finally:
+        if process.poll() is None:
+            for child in psutil.Process(process.pid).children(recursive=True):
+                child.kill()
+            process.kill()
+        process.wait(30)
+
+
+async def test_sigterm_lets_in_flight_requests_finish_then_stops_everything(
+    server_process: tuple[subprocess.Popen[bytes], str],
+) -> None:
+    process, base_url = server_process
+    await wait_ready(base_url)
+    children = psutil.Process(process.pid).children(recursive=True)
+    assert children, "the engine runs in child processes"
+    body = {
+        "model": "demo-attn",
+        "messages": [{"role": "user", "content": "Tell me a long story."}],
+        "max_tokens": 300,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    async with (
+        httpx.AsyncClient(base_url=base_url, timeout=120) as http,
+        http.stream("POST", "/v1/chat/completions", json=body) as response,
+    ):
+        lines = response.aiter_lines()
+        assert (await anext(lines)).startswith("data: ")
+        process.send_signal(signal.SIGTERM)
+        rest = [line async for line in lines if line]
+    assert rest[-1] == "data: [DONE]"
+    assert '"finish_reason":"length"' in rest[-2]
+    assert process.wait(60) == 0
+    await asyncio.sleep(1)
+    assert not [child for child in children if child.is_running() and child.status() != "zombie"]
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{base_url}/ready", timeout=2)
