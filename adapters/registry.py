@@ -75,6 +75,10 @@ class AdapterRegistry:
     def next_id(self) -> int:
         return self._next_id
 
+    def advance_ids(self, next_id: int) -> None:
+        """Never hand out ids below `next_id` (ids used before a restart stay retired)."""
+        self._next_id = max(self._next_id, next_id)
+
     def allocate_id(self) -> int:
         """A fresh engine id; ids are never reused, so a new version never meets stale caches."""
         allocated = self._next_id

@@ -1,12 +1,25 @@
-"""Adapters as the service runs them: registered, loaded in the engine, resolved per request."""
+"""Adapters as the service runs them: validated, loaded in the engine, switched, retired, persisted.
+
+The order of every change keeps clients safe: an adapter is loaded in the engine before its name
+becomes visible; a replaced or unloaded version leaves the engine only after the requests running
+on it have finished; the registry file is rewritten after each change.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import shutil
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
-from adapters.errors import AdapterNotFound, InvalidAdapter
+from adapters.base_model import BaseModelSpec
+from adapters.errors import AdapterError, AdapterExists, InvalidAdapter
+from adapters.persistence import RegistryStore
 from adapters.registry import AdapterRecord, AdapterRegistry, check_name
+from adapters.sources import resolve_under_roots, store_upload
+from adapters.validation import ValidationLimits, validate_adapter
 from server.errors import NotFound
 from server.inference_engine import AdapterRef, EngineError, InferenceEngine
 
@@ -17,46 +30,253 @@ def adapter_ref(record: AdapterRecord) -> AdapterRef:
     return AdapterRef(name=record.name, int_id=record.int_id, path=record.path)
 
 
-class AdapterService:
-    """Owns the registry and keeps the engine in step with it."""
+@dataclass(frozen=True)
+class Upload:
+    """An adapter sent in the request: the two files, or one archive holding them."""
 
-    def __init__(self, engine: InferenceEngine, registry: AdapterRegistry) -> None:
+    files: dict[str, bytes] | None = None
+    archive: bytes | None = None
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    """What a client asks to load; exactly one of `path` and `upload`."""
+
+    name: str
+    path: str | None = None
+    upload: Upload | None = None
+    replace: bool = False
+    pin: bool = False
+    allow_base_mismatch: bool = False
+
+
+class AdapterLease:
+    """The adapter a request runs on; released when the request ends, so retirement can wait."""
+
+    def __init__(self, adapter: AdapterRef | None, in_flight: Counter[int]) -> None:
+        self.adapter = adapter
+        self._in_flight = in_flight
+        self._released = adapter is None
+        if adapter is not None:
+            in_flight[adapter.int_id] += 1
+
+    def release(self) -> None:
+        if not self._released and self.adapter is not None:
+            self._released = True
+            self._in_flight[self.adapter.int_id] -= 1
+
+
+@dataclass(frozen=True)
+class AdapterSources:
+    """Where adapters may come from."""
+
+    roots: list[Path]
+    upload_dir: Path
+
+
+class AdapterService:
+    """Owns the registry and keeps the engine and the registry file in step with it."""
+
+    def __init__(
+        self,
+        engine: InferenceEngine,
+        registry: AdapterRegistry,
+        store: RegistryStore,
+        base: BaseModelSpec,
+        limits: ValidationLimits,
+        sources: AdapterSources,
+    ) -> None:
         self._engine = engine
         self.registry = registry
+        self._store = store
+        self._base = base
+        self._limits = limits
+        self._sources = sources
+        self._in_flight: Counter[int] = Counter()
+        self._persist_lock = asyncio.Lock()
+        self._retiring: set[asyncio.Task[None]] = set()
 
     @property
     def base_model_name(self) -> str:
         return self.registry.base_model_name
 
-    def resolve(self, model: str) -> AdapterRef | None:
+    # Requests
+
+    def acquire(self, model: str) -> AdapterLease:
         """The adapter a request's `model` names (None for the base model); 404 if unknown."""
         if model == self.base_model_name:
-            return None
+            return AdapterLease(None, self._in_flight)
         record = self.registry.find(model)
         if record is None:
             raise NotFound(f"The model `{model}` does not exist.", param="model")
         self.registry.mark_used(model)
-        return adapter_ref(record)
+        return AdapterLease(adapter_ref(record), self._in_flight)
 
-    async def register_folder(self, name: str, folder: Path, source: str) -> AdapterRecord:
-        """Load an adapter folder into the engine, then make its name visible."""
-        check_name(name, self.base_model_name)
-        if not (folder / "adapter_config.json").is_file():
-            raise AdapterNotFound(f"no adapter at `{source}`")
-        async with self.registry.locked(name):
-            record = AdapterRecord(
-                name=name,
-                source=source,
-                path=str(folder),
-                sha256="",
-                rank=0,
-                target_modules=[],
-                int_id=self.registry.allocate_id(),
-            )
+    def in_flight(self, int_id: int) -> int:
+        return self._in_flight[int_id]
+
+    # Changes
+
+    async def load(self, request: LoadRequest) -> AdapterRecord:
+        """Validate, load into the engine, then switch the name to the new version at once."""
+        check_name(request.name, self.base_model_name)
+        async with self.registry.locked(request.name):
+            previous = self.registry.find(request.name)
+            if previous is not None and not request.replace:
+                raise AdapterExists(
+                    f"adapter `{request.name}` exists; send replace=true to load a new version"
+                )
+            folder, source = await self._folder_of(request)
             try:
-                await self._engine.add_adapter(adapter_ref(record))
-            except EngineError as exc:
-                raise InvalidAdapter(f"the engine refused adapter `{name}`") from exc
+                record = await self._load_folder(
+                    request.name,
+                    folder,
+                    source,
+                    pin=request.pin,
+                    allow_base_mismatch=request.allow_base_mismatch,
+                    version=previous.version + 1 if previous else 1,
+                )
+            except BaseException:
+                if request.upload is not None:
+                    shutil.rmtree(folder, ignore_errors=True)
+                raise
             self.registry.put(record)
-            logger.info("adapter %s registered (id %d)", name, record.int_id)
+            await self._persist()
+            if previous is not None:
+                self._retire(previous)
+            logger.info("adapter %s v%d loaded (id %d)", record.name, record.version, record.int_id)
             return record
+
+    async def unload(self, name: str) -> AdapterRecord:
+        """The name disappears at once; the engine's copy goes once its requests have finished."""
+        async with self.registry.locked(name):
+            record = self.registry.remove(name)
+            await self._persist()
+        self._retire(record)
+        logger.info("adapter %s unloaded (id %d)", name, record.int_id)
+        return record
+
+    async def resident_ids(self) -> set[int]:
+        """Ids of the adapter versions the engine holds in memory now."""
+        return await self._engine.list_adapters()
+
+    # Start-up
+
+    async def restore(self) -> None:
+        """Load the adapters of the registry file again, under their ids; drop what is gone."""
+        records, next_id = await asyncio.to_thread(self._store.load)
+        self.registry.advance_ids(next_id)
+        for record in records:
+            try:
+                await asyncio.to_thread(
+                    validate_adapter,
+                    Path(record.path),
+                    self._base,
+                    self._limits,
+                    allow_base_mismatch=True,
+                )
+                await self._engine.add_adapter(adapter_ref(record))
+                if record.pinned:
+                    await self._engine.pin_adapter(record.int_id)
+            except (AdapterError, EngineError) as exc:
+                logger.error("registered adapter %s could not be restored: %s", record.name, exc)
+                continue
+            self.registry.put(record)
+        await self._persist()
+        logger.info("restored %d registered adapters", len(self.registry))
+
+    async def preload(self, folders: dict[str, Path]) -> None:
+        """Register adapter folders found at start-up; invalid ones are logged and skipped."""
+        for name, folder in folders.items():
+            if name in self.registry:
+                continue
+            try:
+                check_name(name, self.base_model_name)
+                async with self.registry.locked(name):
+                    record = await self._load_folder(name, folder, name, pin=False)
+                    self.registry.put(record)
+            except AdapterError as exc:
+                logger.error("adapter %s in the preload folder skipped: %s", name, exc.message)
+        await self._persist()
+
+    async def shutdown(self) -> None:
+        for task in self._retiring:
+            task.cancel()
+
+    # Internals
+
+    async def _folder_of(self, request: LoadRequest) -> tuple[Path, str]:
+        if (request.path is None) == (request.upload is None):
+            raise InvalidAdapter("give exactly one of `path` and an upload")
+        if request.path is not None:
+            folder = resolve_under_roots(request.path, self._sources.roots)
+            return folder, request.path
+        assert request.upload is not None
+        folder = await asyncio.to_thread(
+            store_upload,
+            self._sources.upload_dir,
+            request.name,
+            files=request.upload.files,
+            archive=request.upload.archive,
+            max_bytes=self._limits.max_adapter_bytes,
+        )
+        return folder, f"upload:{folder.name}"
+
+    async def _load_folder(
+        self,
+        name: str,
+        folder: Path,
+        source: str,
+        *,
+        pin: bool,
+        allow_base_mismatch: bool = False,
+        version: int = 1,
+    ) -> AdapterRecord:
+        manifest = await asyncio.to_thread(
+            validate_adapter,
+            folder,
+            self._base,
+            self._limits,
+            allow_base_mismatch=allow_base_mismatch,
+        )
+        record = AdapterRecord(
+            name=name,
+            source=source,
+            path=str(folder),
+            sha256=manifest.sha256,
+            rank=manifest.rank,
+            target_modules=list(manifest.target_modules),
+            int_id=self.registry.allocate_id(),
+            version=version,
+            pinned=pin,
+        )
+        try:
+            await self._engine.add_adapter(adapter_ref(record))
+            if pin and not await self._engine.pin_adapter(record.int_id):
+                raise EngineError("the engine could not pin the adapter")
+        except EngineError as exc:
+            logger.error("engine refused adapter %s: %s", name, exc)
+            await self._engine.remove_adapter(record.int_id)
+            raise InvalidAdapter(f"the engine could not load adapter `{name}`") from exc
+        return record
+
+    async def _persist(self) -> None:
+        # One writer at a time, each with a snapshot taken under the lock: never an older
+        # snapshot over a newer one.
+        async with self._persist_lock:
+            records = list(self.registry)
+            await asyncio.to_thread(self._store.save, records, self.registry.next_id)
+
+    def _retire(self, record: AdapterRecord) -> None:
+        task = asyncio.create_task(self._remove_when_idle(record))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _remove_when_idle(self, record: AdapterRecord) -> None:
+        while self._in_flight[record.int_id] > 0:
+            await asyncio.sleep(0.05)
+        del self._in_flight[record.int_id]
+        await self._engine.remove_adapter(record.int_id)
+        folder = Path(record.path)
+        if folder.parent == self._sources.upload_dir.resolve():  # uploads are ours to delete
+            await asyncio.to_thread(shutil.rmtree, folder, True)

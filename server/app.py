@@ -14,10 +14,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from adapters.base_model import BaseModelSpec
 from adapters.errors import AdapterError, AdapterExists, AdapterNotFound, AdapterTooLarge
+from adapters.persistence import RegistryStore
 from adapters.registry import AdapterRegistry
+from adapters.sources import remove_partial_uploads, scan_preload_dir
+from adapters.validation import ValidationLimits
 from server import health_router, models_router
-from server.adapter_service import AdapterService
+from server.adapter_service import AdapterService, AdapterSources
+from server.admin import api_router as admin_router
 from server.default_model import ensure_default_model
 from server.errors import (
     BadRequest,
@@ -96,6 +101,15 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(unexpected_error_body(), status_code=500)
 
 
+def _startup_folders(settings: Settings, preload_dir: Path | None) -> dict[str, Path]:
+    """Adapters to serve from start-up: the preload folder's, then `lora_modules`."""
+    folders = scan_preload_dir(preload_dir) if preload_dir else {}
+    for spec in settings.lora_modules:
+        name, _, path = spec.partition("=")
+        folders[name.strip()] = Path(path.strip())
+    return folders
+
+
 async def _start_services(
     app: FastAPI, settings: Settings, engine: InferenceEngine | None
 ) -> InferenceEngine | None:
@@ -103,25 +117,36 @@ async def _start_services(
     owned = None
     if settings.model:
         model_dir = Path(settings.model)
-        startup_adapters: dict[str, Path] = {}
+        preload_dir = settings.preload_dir
     else:
         tiny = await asyncio.to_thread(ensure_default_model, settings.cache_dir)
         model_dir = tiny.model_dir
-        startup_adapters = tiny.adapter_dirs()
-    for spec in settings.lora_modules:
-        name, _, path = spec.partition("=")
-        startup_adapters[name.strip()] = Path(path.strip())
+        preload_dir = settings.preload_dir or tiny.adapters_dir
     served_name = settings.served_name(model_dir)
+    base = await asyncio.to_thread(BaseModelSpec.from_model_dir, model_dir, served_name)
     if engine is None:
         from server.engine import VllmEngine  # vLLM is heavy: import it only when it runs
 
         engine = owned = await VllmEngine.start(settings, str(model_dir), served_name)
-    adapters = AdapterService(engine, AdapterRegistry(served_name))
-    for name, folder in startup_adapters.items():
-        try:
-            await adapters.register_folder(name, folder, source=name)
-        except AdapterError as exc:
-            logger.error("start-up adapter %s skipped: %s", name, exc.message)
+    upload_dir = settings.state_dir / "uploads"
+    upload_dir.mkdir(parents=True, exist_ok=True)
+    await asyncio.to_thread(remove_partial_uploads, upload_dir)
+    adapters = AdapterService(
+        engine,
+        AdapterRegistry(served_name),
+        RegistryStore(settings.state_dir),
+        base,
+        ValidationLimits(
+            max_rank=settings.max_lora_rank,
+            max_adapter_bytes=settings.max_adapter_bytes,
+            allow_pickle=settings.allow_pickle_adapters,
+        ),
+        AdapterSources(
+            roots=[root.resolve() for root in settings.adapter_roots], upload_dir=upload_dir
+        ),
+    )
+    await adapters.restore()
+    await adapters.preload(_startup_folders(settings, preload_dir))
     limits = MediaLimits(
         max_image_bytes=settings.max_image_bytes,
         max_image_pixels=settings.max_image_pixels,
@@ -136,8 +161,8 @@ async def _start_services(
     app.state.services = Services(
         engine=engine,
         adapters=adapters,
-        chat=ChatService(engine, renderer, adapters.resolve),
-        completions=CompletionService(engine, adapters.resolve),
+        chat=ChatService(engine, renderer, adapters.acquire),
+        completions=CompletionService(engine, adapters.acquire),
         started_at=int(time.time()),
     )
     return owned
@@ -172,6 +197,8 @@ def create_app(settings: Settings, engine: InferenceEngine | None = None) -> Fas
         finally:
             lifecycle.phase = Phase.STOPPED
             await starting  # an engine half-started must still be stopped, not orphaned
+            if app.state.services is not None:
+                await app.state.services.adapters.shutdown()
             for running in owned:
                 await running.shutdown()
 
@@ -179,9 +206,15 @@ def create_app(settings: Settings, engine: InferenceEngine | None = None) -> Fas
     app.state.settings = settings
     app.state.lifecycle = ServiceLifecycle()
     app.state.services = None
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_request_bytes)
+    app.add_middleware(
+        RequestContextMiddleware,
+        max_body_bytes=settings.max_request_bytes,
+        # Adapter uploads may be larger than any inference request.
+        large_body_paths={"/v1/adapters": settings.max_adapter_bytes + 2**20},
+    )
     _install_error_handlers(app)
     app.include_router(health_router.router)
     app.include_router(models_router.router)
     app.include_router(inference_router.router)
+    app.include_router(admin_router.router)
     return app

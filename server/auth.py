@@ -1,10 +1,10 @@
-"""API-key checks: inference keys for /v1/*, compared in constant time."""
+"""API-key checks: inference keys for /v1/*, admin keys for the admin API; constant-time."""
 
 from __future__ import annotations
 
 import hmac
 
-from server.errors import Unauthorized
+from server.errors import Forbidden, Unauthorized
 
 
 def bearer_token(authorization: str | None) -> str | None:
@@ -23,12 +23,34 @@ def key_matches(token: str, keys: list[str]) -> bool:
     return found
 
 
-def check_inference_key(authorization: str | None, keys: list[str]) -> None:
-    """Raise 401 unless keys are off or the request carries one of them."""
+def check_inference_key(authorization: str | None, keys: list[str], admin_keys: list[str]) -> None:
+    """Raise 401 unless keys are off or the request carries one of them (admin keys too)."""
     if not keys:
         return
     token = bearer_token(authorization)
     if token is None:
         raise Unauthorized("missing API key: send `Authorization: Bearer <key>`")
-    if not key_matches(token, keys):
+    if not key_matches(token, keys + admin_keys):
         raise Unauthorized("invalid API key")
+
+
+def check_admin_key(
+    authorization: str | None, admin_keys: list[str], inference_keys: list[str], open_: bool
+) -> None:
+    """Admin routes: 403 when the admin API is off or for an inference key; 401 without a key."""
+    if not admin_keys:
+        if open_:
+            return  # local development, allowed only on a loopback bind (Settings checks)
+        raise Forbidden(
+            "the admin API is off: set GEMMA_SERVER_ADMIN_KEYS (or --admin-keys) to enable it"
+        )
+    token = bearer_token(authorization)
+    if token is None:
+        raise Unauthorized("missing admin key: send `Authorization: Bearer <admin key>`")
+    if key_matches(token, admin_keys):
+        return
+    if key_matches(token, inference_keys):
+        raise Forbidden(
+            "this key may call the inference API only; the admin API needs an admin key"
+        )
+    raise Unauthorized("invalid admin key")

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
-from server.auth import check_inference_key
+from server.auth import check_admin_key, check_inference_key
 from server.errors import ServiceUnavailable
 from server.lifecycle import Phase, ServiceLifecycle
 from server.services import Services
@@ -41,7 +41,18 @@ def require_inference_key(
     request: Request, authorization: Annotated[str | None, Header()] = None
 ) -> None:
     """Dependency of every /v1 inference route."""
-    check_inference_key(authorization, request.app.state.settings.api_keys)
+    settings: Settings = request.app.state.settings
+    check_inference_key(authorization, settings.api_keys, settings.admin_keys)
+
+
+def require_admin_key(
+    request: Request, authorization: Annotated[str | None, Header()] = None
+) -> None:
+    """Dependency of every admin route."""
+    settings: Settings = request.app.state.settings
+    check_admin_key(
+        authorization, settings.admin_keys, settings.api_keys, settings.admin_open_on_loopback
+    )
 
 
 SettingsDep = Annotated[Settings, Depends(_settings)]

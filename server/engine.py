@@ -106,7 +106,13 @@ def sampling_params(sampling: Sampling) -> SamplingParams:
 
 def lora_request(adapter: AdapterRef) -> LoRARequest:
     """vLLM's handle for one adapter version."""
-    return LoRARequest(lora_name=adapter.name, lora_int_id=adapter.int_id, lora_path=adapter.path)
+    # vLLM keys prefix-cache blocks by (lora_name, lora_path): a per-version name keeps a new
+    # version loaded from the same folder away from the old version's cached blocks.
+    return LoRARequest(
+        lora_name=f"{adapter.name}@{adapter.int_id}",
+        lora_int_id=adapter.int_id,
+        lora_path=adapter.path,
+    )
 
 
 def _engine_prompt(prompt: Prompt) -> TextPrompt | TokensPrompt:

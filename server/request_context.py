@@ -36,9 +36,12 @@ class BodyTooLarge(Exception):
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, max_body_bytes: int, large_body_paths: dict[str, int] | None = None
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.large_body_paths = large_body_paths or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -62,6 +65,7 @@ class RequestContextMiddleware:
                 ]
             await send(message)
 
+        limit = self.large_body_paths.get(scope["path"], self.max_body_bytes)
         received = 0
 
         async def limited_receive() -> Message:
@@ -69,19 +73,19 @@ class RequestContextMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
+                if received > limit:
                     raise BodyTooLarge
             return message
 
         try:
             declared = int(headers.get(b"content-length", b"0") or 0)
-            if declared > self.max_body_bytes:
-                await self._too_large(send_with_id)
+            if declared > limit:
+                await self._too_large(send_with_id, limit)
             else:
                 try:
                     await self.app(scope, limited_receive, send_with_id)
                 except BodyTooLarge:
-                    await self._too_large(send_with_id)
+                    await self._too_large(send_with_id, limit)
         finally:
             logger.info(
                 "%s %s %d %.1f ms",
@@ -92,9 +96,9 @@ class RequestContextMiddleware:
             )
             request_id_var.reset(token)
 
-    async def _too_large(self, send: Send) -> None:
+    async def _too_large(self, send: Send, limit: int) -> None:
         body: dict[str, Any] = error_body(
-            413, "RequestTooLargeError", f"request body over {self.max_body_bytes} bytes"
+            413, "RequestTooLargeError", f"request body over {limit} bytes"
         )
         payload = json.dumps(body).encode()
         await send(

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # vLLM accepts only these LoRA ranks as --max-lora-rank.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class Settings(BaseSettings):
@@ -62,9 +73,26 @@ class Settings(BaseSettings):
     remote_image_timeout_seconds: float = Field(10.0, gt=0, description="Image URL fetch time.")
     max_request_bytes: int = Field(64 * 2**20, gt=0, description="Largest request body.")
 
-    # Adapters served from start-up
+    # Adapters
     lora_modules: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Adapters to serve, as name=path (comma-separated)."
+    )
+    preload_dir: Path | None = Field(
+        None,
+        description="Serve every adapter sub-folder of this folder at start-up "
+        "(default with the tiny model: its demo adapters).",
+    )
+    adapter_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Folders the admin API may load adapters from (comma-separated); "
+        "empty: loading by path is off, uploads still work.",
+    )
+    state_dir: Path = Field(
+        Path(".state"), description="Registry of loaded adapters and uploaded adapter files."
+    )
+    max_adapter_bytes: int = Field(2**30, gt=0, description="Largest adapter weights, in bytes.")
+    allow_pickle_adapters: bool = Field(
+        False, description="Accept adapter_model.bin (pickle: loading it can run code)."
     )
 
     # Server
@@ -73,17 +101,31 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Inference API keys (comma-separated); empty: open."
     )
+    admin_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Admin API keys (comma-separated); empty: the admin API is off.",
+    )
+    admin_open_on_loopback: bool = Field(
+        False,
+        description="Local development only: admin API without a key, on a loopback bind.",
+    )
     drain_timeout_seconds: float = Field(
         30.0, ge=0, description="On SIGTERM, how long in-flight requests may finish."
     )
     log_level: str = Field("info", description="Logging level.")
 
-    @field_validator("api_keys", "lora_modules", mode="before")
+    @field_validator("api_keys", "admin_keys", "lora_modules", "adapter_roots", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _admin_open_only_on_loopback(self) -> Settings:
+        if self.admin_open_on_loopback and not is_loopback(self.host):
+            raise ValueError("admin_open_on_loopback needs a loopback host (127.0.0.1, ::1)")
+        return self
 
     def served_name(self, model_dir: Path) -> str:
         """The base model's name for clients."""

@@ -7,11 +7,13 @@ import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import uvicorn
 from fastapi import FastAPI
 
+from adapters.persistence import REGISTRY_FILE, RegistryStore
 from server.app import create_app
 from server.inference_engine import InferenceEngine
 from server.settings import Settings
@@ -48,9 +50,22 @@ async def wait_ready(base_url: str, timeout: float = 300.0) -> None:
             await asyncio.sleep(0.2)
 
 
+def seed_registry(state_dir: Path, first_adapter_id: int) -> None:
+    """Start a registry whose ids begin at `first_adapter_id`.
+
+    Apps that share one engine must not give two adapters the same engine id; a production
+    server owns its engine, so this only matters in tests.
+    """
+    if not (state_dir / REGISTRY_FILE).exists():
+        RegistryStore(state_dir).save([], first_adapter_id)
+
+
 @asynccontextmanager
-async def live_server(settings: Settings, engine: InferenceEngine) -> AsyncIterator[LiveServer]:
+async def live_server(
+    settings: Settings, engine: InferenceEngine, *, first_adapter_id: int
+) -> AsyncIterator[LiveServer]:
     """Serve `create_app(settings, engine)` with uvicorn on a free loopback port."""
+    seed_registry(settings.state_dir, first_adapter_id)
     port = free_port()
     app = create_app(settings, engine=engine)
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on")

@@ -24,16 +24,19 @@ KEY = "inference-key-1"
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def strict(engine: VllmEngine, tiny: DefaultModel) -> AsyncIterator[LiveServer]:
+async def strict(
+    engine: VllmEngine, tiny: DefaultModel, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[LiveServer]:
     """A server with small limits and an API key."""
     settings = engine_settings(
         cache_dir=tiny.model_dir.parent,
+        state_dir=tmp_path_factory.mktemp("strict-state"),
         api_keys=[KEY],
         max_image_pixels=256 * 256,
         max_request_bytes=4 * 2**20,
         max_images_per_prompt=2,
     )
-    async with live_server(settings, engine) as server:
+    async with live_server(settings, engine, first_adapter_id=20_000) as server:
         yield server
 
 

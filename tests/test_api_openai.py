@@ -28,9 +28,13 @@ MAX_TOKENS = 12
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def api(engine: VllmEngine, tiny: DefaultModel) -> AsyncIterator[LiveServer]:
-    settings = engine_settings(cache_dir=tiny.model_dir.parent)
-    async with live_server(settings, engine) as server:
+async def api(
+    engine: VllmEngine, tiny: DefaultModel, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[LiveServer]:
+    settings = engine_settings(
+        cache_dir=tiny.model_dir.parent, state_dir=tmp_path_factory.mktemp("api-state")
+    )
+    async with live_server(settings, engine, first_adapter_id=10_000) as server:
         yield server
 
 
@@ -71,11 +75,12 @@ async def bridge_text(engine: VllmEngine, api: LiveServer, kind: str, model: str
     prompt: Prompt = await services.chat.renderer.render(
         [ChatMessage.model_validate(m) for m in messages(kind)]
     )
-    adapter = services.adapters.resolve(model)
+    lease = services.adapters.acquire(model)
     pieces = []
     sampling = Sampling(max_tokens=MAX_TOKENS, temperature=0.0)
-    async for chunk in engine.generate(f"bridge-{kind}-{model}", prompt, sampling, adapter):
+    async for chunk in engine.generate(f"bridge-{kind}-{model}", prompt, sampling, lease.adapter):
         pieces.extend(c.text for c in chunk.completions)
+    lease.release()
     return "".join(pieces)
 
 

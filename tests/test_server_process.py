@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import psutil
@@ -18,7 +19,9 @@ from tests.live_server import free_port, wait_ready
 
 
 @pytest.fixture
-def server_process(tiny: DefaultModel) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+def server_process(
+    tiny: DefaultModel, tmp_path: Path
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     port = free_port()
     command = [
         sys.executable,
@@ -32,6 +35,8 @@ def server_process(tiny: DefaultModel) -> Iterator[tuple[subprocess.Popen[bytes]
         "1024",
         "--kv-cache-memory-bytes",
         str(64 * 2**20),
+        "--state-dir",
+        str(tmp_path / "state"),
         "--drain-timeout-seconds",
         "60",
     ]

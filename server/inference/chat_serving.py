@@ -14,6 +14,7 @@ from openai.types.chat.chat_completion_chunk import ChoiceLogprobs as ChunkLogpr
 from openai.types.chat.chat_completion_token_logprob import ChatCompletionTokenLogprob, TopLogprob
 from openai.types.completion_usage import CompletionUsage
 
+from server.adapter_service import AdapterLease
 from server.errors import BadRequest
 from server.inference.generation import (
     GenerationResult,
@@ -25,9 +26,9 @@ from server.inference.generation import (
 from server.inference.prompt import ChatRenderer
 from server.inference.protocol import ChatCompletionRequest
 from server.inference.sse import DONE, sse_event
-from server.inference_engine import AdapterRef, GenerationChunk, InferenceEngine, TokenLogprob
+from server.inference_engine import GenerationChunk, InferenceEngine, TokenLogprob
 
-ModelResolver = Callable[[str], AdapterRef | None]
+ModelResolver = Callable[[str], AdapterLease]  # the adapter a request's `model` names
 
 
 def _token_logprobs(steps: list[TokenLogprob], top: int) -> list[ChatCompletionTokenLogprob]:
@@ -66,13 +67,13 @@ class ChatService:
     async def _open(
         self, request: ChatCompletionRequest, request_id: str
     ) -> AsyncIterator[GenerationChunk]:
-        adapter = self._resolve_model(request.model)
         if request.top_logprobs and not request.logprobs:
             raise BadRequest("top_logprobs needs logprobs set to true", param="top_logprobs")
         prompt = await self.renderer.render(request.messages)
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         sampling = sampling_from(request, request.token_limit(), logprobs)
-        return await open_generation(self._engine, request_id, prompt, sampling, adapter)
+        lease = self._resolve_model(request.model)
+        return await open_generation(self._engine, request_id, prompt, sampling, lease)
 
     async def complete(self, request: ChatCompletionRequest, request_id: str) -> ChatCompletion:
         """The whole answer at once."""

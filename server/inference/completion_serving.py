@@ -48,15 +48,15 @@ class CompletionService:
     async def _open(
         self, request: CompletionRequest, request_id: str
     ) -> list[AsyncIterator[GenerationChunk]]:
-        adapter = self._resolve_model(request.model)
         prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
         sampling = sampling_from(request, request.max_tokens or 16, request.logprobs)
         streams = []
         try:
             for i, text in enumerate(prompts):
+                lease = self._resolve_model(request.model)
                 streams.append(
                     await open_generation(
-                        self._engine, f"{request_id}-{i}", Prompt(text=text), sampling, adapter
+                        self._engine, f"{request_id}-{i}", Prompt(text=text), sampling, lease
                     )
                 )
         except BaseException:

@@ -11,10 +11,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from server.adapter_service import AdapterLease
 from server.errors import BadRequest, ServiceError, ServiceUnavailable
 from server.inference.protocol import SamplingRequest
 from server.inference_engine import (
-    AdapterRef,
     EngineDeadError,
     EngineError,
     GenerationChunk,
@@ -90,23 +90,30 @@ async def open_generation(
     request_id: str,
     prompt: Prompt,
     sampling: Sampling,
-    adapter: AdapterRef | None,
+    lease: AdapterLease,
 ) -> AsyncIterator[GenerationChunk]:
     """Submit a request and wait for its first output, so input errors raise before any byte.
 
     The returned stream aborts the engine request if it is closed before the request finished
-    (a client that went away, or a cancelled handler).
+    (a client that went away, or a cancelled handler), and releases the adapter lease at its end.
     """
-    stream = engine.generate(request_id, prompt, sampling, adapter)
+    stream = engine.generate(request_id, prompt, sampling, lease.adapter)
     try:
         first = await anext(stream)
     except EngineError as exc:
+        lease.release()
         raise service_error(exc) from exc
-    return _guarded(engine, request_id, _prepend(first, stream))
+    except BaseException:
+        lease.release()
+        raise
+    return _guarded(engine, request_id, _prepend(first, stream), lease)
 
 
 async def _guarded(
-    engine: InferenceEngine, request_id: str, stream: AsyncIterator[GenerationChunk]
+    engine: InferenceEngine,
+    request_id: str,
+    stream: AsyncIterator[GenerationChunk],
+    lease: AdapterLease,
 ) -> AsyncIterator[GenerationChunk]:
     finished = False
     try:
@@ -116,6 +123,7 @@ async def _guarded(
     except EngineError as exc:
         raise service_error(exc) from exc
     finally:
+        lease.release()
         if not finished:
             await asyncio.shield(engine.abort(request_id))
 

@@ -1,0 +1,1 @@
+"""The admin API: load, replace, list and unload adapters while the server runs."""

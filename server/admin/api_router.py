@@ -1,0 +1,126 @@
+"""HTTP routes of the admin API; every route needs an admin key (see `server.auth`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+
+from adapters.sources import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from server.adapter_service import AdapterService, LoadRequest, Upload
+from server.admin.protocol import (
+    AdapterCreate,
+    AdapterList,
+    AdapterPublic,
+    VllmLoadLoraAdapter,
+    VllmUnloadLoraAdapter,
+)
+from server.deps import ServicesDep, require_admin_key
+from server.errors import BadRequest
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_admin_key)])
+
+ARCHIVE_FIELD = "archive"
+_TRUE = {"1", "true", "yes", "on"}
+
+
+async def _public(adapters: AdapterService, name: str) -> AdapterPublic:
+    record = adapters.registry.get(name)
+    return AdapterPublic.of(record, resident=record.int_id in await adapters.resident_ids())
+
+
+def _flag(form: Mapping[str, object], key: str) -> bool:
+    value = form.get(key)
+    return isinstance(value, str) and value.strip().lower() in _TRUE
+
+
+async def _load_request(request: Request) -> LoadRequest:
+    """JSON {name, path, ...}, or multipart with `name` and an archive or the two files."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        async with request.form() as form:
+            fields = dict(form)
+            uploads = {k: v for k, v in fields.items() if isinstance(v, UploadFile)}
+            name = fields.get("name")
+            if not isinstance(name, str):
+                raise BadRequest("the form needs a `name` field", param="name")
+            unknown = set(uploads) - {ARCHIVE_FIELD, ADAPTER_CONFIG, ADAPTER_WEIGHTS}
+            if unknown:
+                raise BadRequest(f"unexpected file fields: {sorted(unknown)}")
+            if ARCHIVE_FIELD in uploads:
+                upload = Upload(archive=await uploads[ARCHIVE_FIELD].read())
+            else:
+                upload = Upload(files={k: await v.read() for k, v in uploads.items()})
+            return LoadRequest(
+                name=name,
+                upload=upload,
+                replace=_flag(fields, "replace"),
+                pin=_flag(fields, "pin"),
+                allow_base_mismatch=_flag(fields, "allow_base_mismatch"),
+            )
+    try:
+        body = AdapterCreate.model_validate_json(await request.body())
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        raise BadRequest(f"{where or 'body'}: {first['msg']}", param=where or None) from None
+    return LoadRequest(
+        name=body.name,
+        path=body.path,
+        replace=body.replace,
+        pin=body.pin,
+        allow_base_mismatch=body.allow_base_mismatch,
+    )
+
+
+@router.post("/adapters", status_code=201, response_model=AdapterPublic)
+async def load_adapter(request: Request, services: ServicesDep) -> JSONResponse:
+    """Load an adapter (201), or a new version of one with `replace` (200)."""
+    load = await _load_request(request)
+    replacing = load.name in services.adapters.registry
+    record = await services.adapters.load(load)
+    public = await _public(services.adapters, record.name)
+    return JSONResponse(public.model_dump(), status_code=200 if replacing else 201)
+
+
+@router.get("/adapters")
+async def list_adapters(services: ServicesDep) -> AdapterList:
+    resident = await services.adapters.resident_ids()
+    return AdapterList(
+        data=[
+            AdapterPublic.of(record, resident=record.int_id in resident)
+            for record in services.adapters.registry
+        ]
+    )
+
+
+@router.get("/adapters/{name}")
+async def get_adapter(name: str, services: ServicesDep) -> AdapterPublic:
+    return await _public(services.adapters, name)
+
+
+@router.delete("/adapters/{name}")
+async def unload_adapter(name: str, services: ServicesDep) -> AdapterPublic:
+    """The name is gone at once; running requests on it finish first."""
+    record = await services.adapters.unload(name)
+    return AdapterPublic.of(record, resident=False, state="unloaded")
+
+
+@router.post("/load_lora_adapter")
+async def vllm_load_lora_adapter(body: VllmLoadLoraAdapter, services: ServicesDep) -> AdapterPublic:
+    """vLLM's route and body, answered in JSON; `load_inplace` replaces."""
+    record = await services.adapters.load(
+        LoadRequest(name=body.lora_name, path=body.lora_path, replace=body.load_inplace)
+    )
+    return await _public(services.adapters, record.name)
+
+
+@router.post("/unload_lora_adapter")
+async def vllm_unload_lora_adapter(
+    body: VllmUnloadLoraAdapter, services: ServicesDep
+) -> AdapterPublic:
+    record = await services.adapters.unload(body.lora_name)
+    return AdapterPublic.of(record, resident=False, state="unloaded")

@@ -1,0 +1,78 @@
+"""Wire models of the admin API (JSON in, JSON out)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from adapters.registry import AdapterRecord
+
+
+class AdapterCreate(BaseModel):
+    """`POST /v1/adapters` as JSON: an adapter folder under one of the allowed roots."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    path: str = Field(min_length=1)
+    replace: bool = False
+    pin: bool = False
+    allow_base_mismatch: bool = False
+
+
+class VllmLoadLoraAdapter(BaseModel):
+    """vLLM's `POST /v1/load_lora_adapter` body."""
+
+    lora_name: str
+    lora_path: str = Field(min_length=1)
+    load_inplace: bool = False
+
+
+class VllmUnloadLoraAdapter(BaseModel):
+    """vLLM's `POST /v1/unload_lora_adapter` body (`lora_int_id` is accepted and ignored)."""
+
+    lora_name: str
+    lora_int_id: int | None = None
+
+
+class AdapterPublic(BaseModel):
+    """An adapter as clients see it (no server paths)."""
+
+    object: Literal["adapter"] = "adapter"
+    name: str
+    source: str
+    version: int
+    sha256: str
+    rank: int
+    target_modules: list[str]
+    id: int
+    state: Literal["ready", "unloaded"]
+    loaded_at: int
+    pinned: bool
+    resident: bool
+    last_used: int | None
+    request_count: int
+
+    @classmethod
+    def of(cls, record: AdapterRecord, *, resident: bool, state: str = "ready") -> AdapterPublic:
+        return cls(
+            name=record.name,
+            source=record.source,
+            version=record.version,
+            sha256=record.sha256,
+            rank=record.rank,
+            target_modules=record.target_modules,
+            id=record.int_id,
+            state=state,
+            loaded_at=int(record.loaded_at),
+            pinned=record.pinned,
+            resident=resident,
+            last_used=int(record.last_used) if record.last_used else None,
+            request_count=record.request_count,
+        )
+
+
+class AdapterList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AdapterPublic]

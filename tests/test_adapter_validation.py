@@ -1,0 +1,545 @@
+"""Unit tests of adapter validation: each test breaks one thing in a copy of a demo adapter."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from adapters.base_model import BaseModelSpec, ModuleGroup, module_group
+from adapters.errors import AdapterError, AdapterNotFound, AdapterTooLarge, InvalidAdapter
+from adapters.validation import AdapterManifest, ValidationLimits, validate_adapter
+from server.default_model import DefaultModel
+
+SERVED_NAME = "tiny-gemma4"
+LIMITS = ValidationLimits(max_rank=16, max_adapter_bytes=10 * 2**20)
+BLOCK_OF_KIND = {
+    "q_proj": "self_attn",
+    "k_proj": "self_attn",
+    "v_proj": "self_attn",
+    "o_proj": "self_attn",
+    "gate_proj": "mlp",
+    "up_proj": "mlp",
+    "down_proj": "mlp",
+}
+KINDS = tuple(BLOCK_OF_KIND)
+LAYER_COUNT = 4
+PREFIX = "base_model.model."
+VISION_Q = "model.vision_tower.encoder.layers.0.self_attn.q_proj.linear"
+LIMITS_RANK_8 = ValidationLimits(max_rank=8, max_adapter_bytes=LIMITS.max_adapter_bytes)
+_DELETE = object()  # edit_config: remove the key
+
+Tensors = dict[str, torch.Tensor]
+
+
+class CopyAdapter(Protocol):
+    def __call__(self, name: str = "demo-attn") -> Path: ...
+
+
+@pytest.fixture(scope="module")
+def base(tiny: DefaultModel) -> BaseModelSpec:
+    return BaseModelSpec.from_model_dir(tiny.model_dir, SERVED_NAME)
+
+
+@pytest.fixture
+def copy_adapter(tiny: DefaultModel, tmp_path: Path) -> CopyAdapter:
+    """Copy a demo adapter into this test's tmp_path, to break it there."""
+
+    def copy(name: str = "demo-attn") -> Path:
+        return Path(shutil.copytree(tiny.adapter_dirs()[name], tmp_path / name))
+
+    return copy
+
+
+def edit_config(folder: Path, **changes: Any) -> None:
+    path = folder / "adapter_config.json"
+    config = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is _DELETE:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    path.write_text(json.dumps(config))
+
+
+def edit_tensors(folder: Path, edit: Callable[[Tensors], Tensors]) -> None:
+    path = folder / "adapter_model.safetensors"
+    save_file(edit(load_file(path)), path, metadata={"format": "pt"})
+
+
+def refused(
+    folder: Path,
+    base: BaseModelSpec,
+    error: type[AdapterError],
+    phrase: str,
+    limits: ValidationLimits = LIMITS,
+    **kwargs: Any,
+) -> str:
+    """Assert validation fails with `error` naming `phrase`, without any absolute path."""
+    with pytest.raises(error) as caught:
+        validate_adapter(folder, base, limits, **kwargs)
+    message = caught.value.message
+    assert type(caught.value) is error, message
+    assert phrase in message, message
+    assert str(folder.parent) not in message and "/tmp" not in message, message
+    assert not re.search(r"(^|[\s'\"(])/[\w.]", message), message
+    return message
+
+
+def test_base_model_lists_every_projection_with_checkpoint_shapes(
+    tiny: DefaultModel, base: BaseModelSpec
+) -> None:
+    with safe_open(str(tiny.model_dir / "model.safetensors"), framework="pt") as f:
+        file_shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+    projections = base.modules_in(ModuleGroup.LANGUAGE_PROJECTION)
+    expected_names = {
+        f"model.language_model.layers.{layer}.{block}.{kind}"
+        for layer in range(LAYER_COUNT)
+        for kind, block in BLOCK_OF_KIND.items()
+    }
+    assert set(projections) == expected_names
+    for name, shape in projections.items():
+        out_features, in_features = file_shapes[f"{name}.weight"]
+        assert (shape.in_features, shape.out_features) == (in_features, out_features)
+    # The full-attention layer has the wider heads: a check that shapes are per layer.
+    assert projections["model.language_model.layers.3.self_attn.q_proj"] == (128, 256)
+    assert base.adaptable_modules(tower_lora=False) == projections
+    assert base.language_layer_count == LAYER_COUNT
+    assert base.architectures == ("Gemma4ForConditionalGeneration",)
+    assert base.model_type == "gemma4"
+
+
+def test_base_model_groups_towers_and_never_adapts_embeddings(base: BaseModelSpec) -> None:
+    assert base.linear_modules[VISION_Q] == (64, 64)
+    assert module_group(VISION_Q) is ModuleGroup.VISION_TOWER
+    assert module_group("model.embed_vision.embedding_projection").is_tower
+    assert base.modules_in(ModuleGroup.AUDIO_TOWER)
+    with_towers = base.adaptable_modules(tower_lora=True)
+    assert VISION_Q in with_towers and "model.embed_audio.embedding_projection" in with_towers
+    assert "model.language_model.embed_tokens" not in base.linear_modules
+    assert module_group("model.language_model.embed_tokens") is ModuleGroup.EMBEDDING
+    assert module_group("lm_head") is ModuleGroup.EMBEDDING
+    gate = "model.language_model.layers.0.per_layer_input_gate"
+    assert gate in base.linear_modules and module_group(gate) is ModuleGroup.OTHER
+
+
+def test_base_model_reads_a_sharded_checkpoint(
+    tiny: DefaultModel, base: BaseModelSpec, tmp_path: Path
+) -> None:
+    sharded = tmp_path / "tiny-gemma4"
+    sharded.mkdir()
+    shutil.copy(tiny.model_dir / "config.json", sharded)
+    tensors = load_file(tiny.model_dir / "model.safetensors")
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2]}
+    shards["model-00002-of-00002.safetensors"] = names[1::2]
+    weight_map = {}
+    for shard, shard_names in shards.items():
+        save_file({n: tensors[n] for n in shard_names}, sharded / shard)
+        weight_map.update(dict.fromkeys(shard_names, shard))
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert BaseModelSpec.from_model_dir(sharded, SERVED_NAME) == base
+
+
+@pytest.mark.parametrize(
+    ("name", "rank", "kinds"),
+    [
+        ("demo-attn", 4, ["k_proj", "o_proj", "q_proj", "v_proj"]),
+        ("demo-mlp", 8, ["down_proj", "gate_proj", "up_proj"]),
+        ("demo-all", 16, sorted(KINDS)),
+    ],
+)
+def test_demo_adapters_validate(
+    tiny: DefaultModel, base: BaseModelSpec, name: str, rank: int, kinds: list[str]
+) -> None:
+    folder = tiny.adapter_dirs()[name]
+    weights = folder / "adapter_model.safetensors"
+    manifest = validate_adapter(folder, base, LIMITS)
+    assert manifest == AdapterManifest(
+        rank=rank,
+        lora_alpha=float(rank),
+        target_modules=kinds,
+        module_count=LAYER_COUNT * len(kinds),
+        weights_file="adapter_model.safetensors",
+        weights_bytes=weights.stat().st_size,
+        sha256=hashlib.sha256(weights.read_bytes()).hexdigest(),
+        base_model_name_or_path=SERVED_NAME,
+    )
+
+
+def test_target_modules_as_a_list_of_names_is_accepted(
+    copy_adapter: CopyAdapter, base: BaseModelSpec
+) -> None:
+    folder = copy_adapter("demo-attn")
+    # Such a list also matches the towers' wrapper modules; the weights show it adapts none.
+    edit_config(folder, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    assert validate_adapter(folder, base, LIMITS).module_count == 16
+
+
+# --- the folder and its config ----------------------------------------------------------
+
+
+def test_missing_folder_is_not_found(base: BaseModelSpec, tmp_path: Path) -> None:
+    refused(tmp_path / "nowhere", base, AdapterNotFound, "adapter folder not found")
+
+
+def test_a_file_is_not_an_adapter_folder(base: BaseModelSpec, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    refused(tmp_path / "file", base, InvalidAdapter, "not a folder")
+
+
+def test_missing_config(copy_adapter: CopyAdapter, base: BaseModelSpec) -> None:
+    folder = copy_adapter()
+    (folder / "adapter_config.json").unlink()
+    refused(folder, base, InvalidAdapter, "has no adapter_config.json")
+
+
+def test_config_not_json(copy_adapter: CopyAdapter, base: BaseModelSpec) -> None:
+    folder = copy_adapter()
+    (folder / "adapter_config.json").write_text('{"r": 4,')
+    refused(folder, base, InvalidAdapter, "adapter_config.json is not valid JSON")
+
+
+def test_config_not_an_object(copy_adapter: CopyAdapter, base: BaseModelSpec) -> None:
+    folder = copy_adapter()
+    (folder / "adapter_config.json").write_text("[1, 2]")
+    refused(folder, base, InvalidAdapter, "must hold a JSON object, not an array")
+
+
+@pytest.mark.parametrize("peft_type", ["IA3", "LOHA", "LOKR"])
+def test_peft_type_other_than_lora(
+    copy_adapter: CopyAdapter, base: BaseModelSpec, peft_type: str
+) -> None:
+    folder = copy_adapter()
+    edit_config(folder, peft_type=peft_type)
+    refused(folder, base, InvalidAdapter, f"peft_type '{peft_type}', not LORA")
+
+
+def test_rank_above_the_limit(copy_adapter: CopyAdapter, base: BaseModelSpec) -> None:
+    folder = copy_adapter("demo-all")
+    message = refused(
+        folder, base, InvalidAdapter, "rank 16, above this server's limit of 8", LIMITS_RANK_8
+    )
+    assert "max_lora_rank must be raised" in message
+
+
+def test_rank_pattern_above_the_limit(copy_adapter: CopyAdapter, base: BaseModelSpec) -> None:
+    folder = copy_adapter("demo-attn")
+    edit_config(folder, rank_pattern={"q_proj": 32})
+    refused(folder, base, InvalidAdapter, "rank 32, above this server's limit of 16")
+
+
+@pytest.mark.parametrize(
+    ("r", "phrase"),
+    [
+        (_DELETE, "has no LoRA rank r"),
+        (0, "positive integer, not 0"),
+        (-4, "positive integer, not -4"),
+        ("4", "positive integer, not '4'"),
+        (4.0, "positive integer, not 4.0"),
+        (True, "positive integer, not True"),
+    ],
+)
+def test_rank_missing_or_not_a_positive_int(
+    copy_adapter: CopyAdapter, base: BaseModelSpec, r: object, phrase: str
+) -> None:
+    folder = copy_adapter()
+    edit_config(folder, r=r)
+    refused(folder, base, InvalidAdapter, phrase)
+
+
+def test_lora_alpha_zero_changes_nothing(copy_adapter: CopyAdapter, base: BaseModelSpec) -> None:
+    folder = copy_adapter()
+    edit_config(folder, lora_alpha=0)
+    refused(folder, base, InvalidAdapter, "would not change the model")
+
+
+def test_dora_config(copy_adapter: CopyAdapter, base: BaseModelSpec) -> None:
+    folder = copy_adapter()
+    edit_config(folder, use_dora=True)
+    refused(folder, base, InvalidAdapter, "DoRA (use_dora) is not supported by vLLM 0.32")
+
+
+def test_dora_magnitude_tensor(copy_adapter: CopyAdapter, base: BaseModelSpec) -> None:
+    folder = copy_adapter()
+    module = f"{PREFIX}model.language_model.layers.0.self_attn.q_proj"
+    edit_tensors(folder, lambda t: {**t, f"{module}.lora_magnitude_vector": torch.ones(128)})
+    refused(folder, base, InvalidAdapter, "is a DoRA magnitude")
+
+
+def test_bias_training(copy_adapter: CopyAdapter, base: BaseModelSpec) -> None:
+    folder = copy_adapter()
+    edit_config(folder, bias="all")
+    refused(folder, base, InvalidAdapter, "adapter trains biases (bias='all')")
+
+
+def test_modules_to_save(copy_adapter: CopyAdapter, base: BaseModelSpec) -> None:
+    folder = copy_adapter()
+    edit_config(folder, modules_to_save=["lm_head"])
+    refused(folder, base, InvalidAdapter, "modules_to_save ['lm_head'] trains full copies")
+
+
+# --- target_modules ---------------------------------------------------------------------
+
+
+def test_target_modules_missing(copy_adapter: CopyAdapter, base: BaseModelSpec) -> None:
+    folder = copy_adapter()
+    edit_config(folder, target_modules=None)
+    refused(folder, base, InvalidAdapter, "has no target_modules")
+
+
+def test_target_modules_matching_nothing(copy_adapter: CopyAdapter, base: BaseModelSpec) -> None:
+    folder = copy_adapter()
+    edit_config(folder, target_modules=["query_key_value"])
+    refused(folder, base, InvalidAdapter, "matches no module of the base model")
+
+
+def test_target_modules_bad_regex(copy_adapter: CopyAdapter, base: BaseModelSpec) -> None:
+    folder = copy_adapter()
+    edit_config(folder, target_modules=r".*(q_proj")
+    refused(folder, base, InvalidAdapter, "not a valid regular expression")
+
+
+def test_targets_only_the_vision_tower(copy_adapter: CopyAdapter, base: BaseModelSpec) -> None:
+    folder = copy_adapter()
+    edit_config(folder, target_modules=r".*vision_tower.*\.(q|k|v|o)_proj")
+    message = refused(folder, base, InvalidAdapter, "targets the vision tower")
+    assert "which this server does not adapt; enable tower LoRA" in message
+
+
+def _add_vision_lora(tensors: Tensors, rank: int = 4) -> Tensors:
+    seeded = torch.Generator().manual_seed(0)
+    a = torch.randn(rank, 64, generator=seeded)
+    b = torch.randn(64, rank, generator=seeded)
+    return {
+        **tensors,
+        f"{PREFIX}{VISION_Q}.lora_A.weight": a,
+        f"{PREFIX}{VISION_Q}.lora_B.weight": b,
+    }
+
+
+def test_vision_tower_weights_need_tower_lora(
+    copy_adapter: CopyAdapter, base: BaseModelSpec
+) -> None:
+    folder = copy_adapter()
+    edit_config(folder, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "linear"])
+    edit_tensors(folder, _add_vision_lora)
+    message = refused(folder, base, InvalidAdapter, "targets the vision tower")
+    assert "enable tower LoRA" in message and VISION_Q in message
+    with_towers = ValidationLimits(max_rank=16, max_adapter_bytes=2**24, tower_lora=True)
+    assert validate_adapter(folder, base, with_towers).module_count == 17
+
+
+@pytest.mark.parametrize("target", ["lm_head", "embed_tokens"])
+def test_lm_head_or_embeddings_in_target_modules(
+    copy_adapter: CopyAdapter, base: BaseModelSpec, target: str
+) -> None:
+    folder = copy_adapter()
+    edit_config(folder, target_modules=["q_proj", target])
+    refused(folder, base, InvalidAdapter, f"target_modules names {target}; vLLM 0.32 serves")
+
+
+def test_embedding_tensors(copy_adapter: CopyAdapter, base: BaseModelSpec) -> None:
+    folder = copy_adapter()
+    module = f"{PREFIX}model.language_model.embed_tokens"
+    edit_tensors(folder, lambda t: {**t, f"{module}.lora_A.weight": torch.ones(4, 4096)})
+    refused(folder, base, InvalidAdapter, "adapts embed_tokens; vLLM 0.32 serves LoRA")
+
+
+def test_embedding_lora_tensors(copy_adapter: CopyAdapter, base: BaseModelSpec) -> None:
+    folder = copy_adapter()
+    module = f"{PREFIX}model.language_model.embed_tokens"
+    edit_tensors(folder, lambda t: {**t, f"{module}.lora_embedding_A": torch.ones(4, 4096)})
+    refused(folder, base, InvalidAdapter, "adapts an embedding")
+
+
+def test_targets_a_language_model_linear_that_is_not_a_projection(
+    copy_adapter: CopyAdapter, base: BaseModelSpec
+) -> None:
+    folder = copy_adapter()
+    edit_config(folder, target_modules=["per_layer_input_gate"])
+    refused(folder, base, InvalidAdapter, "which this server does not adapt")
+
+
+def test_tensor_that_target_modules_does_not_name(
+    copy_adapter: CopyAdapter, base: BaseModelSpec
+) -> None:
+    folder = copy_adapter("demo-mlp")
+    attn = load_file(copy_adapter("demo-attn") / "adapter_model.safetensors")
+    edit_tensors(folder, lambda t: {**t, **attn})
+    refused(folder, base, InvalidAdapter, "which target_modules does not name")
+
+
+# --- weights files ------------------------------------------------------------------------
+
+
+def _to_pickle(folder: Path) -> Path:
+    weights = folder / "adapter_model.safetensors"
+    torch.save(load_file(weights), folder / "adapter_model.bin")
+    weights.unlink()
+    return folder / "adapter_model.bin"
+
+
+def test_pickle_only_is_refused(copy_adapter: CopyAdapter, base: BaseModelSpec) -> None:
+    folder = copy_adapter()
+    _to_pickle(folder)
+    message = refused(folder, base, InvalidAdapter, "only in adapter_model.bin, a pickle")
+    assert "loading a pickle can run code" in message
+
+
+def test_pickle_with_allow_pickle_is_checked_without_running_code(
+    copy_adapter: CopyAdapter, base: BaseModelSpec
+) -> None:
+    folder = copy_adapter()
+    pickle_path = _to_pickle(folder)
+    allow = ValidationLimits(max_rank=16, max_adapter_bytes=2**24, allow_pickle=True)
+    manifest = validate_adapter(folder, base, allow)
+    assert manifest.weights_file == "adapter_model.bin" and manifest.module_count == 16
+    assert manifest.sha256 == hashlib.sha256(pickle_path.read_bytes()).hexdigest()
+
+    marker = folder / "pwned"
+    torch.save({"x": _RunsCode(str(marker))}, pickle_path)
+    refused(folder, base, InvalidAdapter, "could not be read as plain tensors", allow)
+    assert not marker.exists()
+
+
+class _RunsCode:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_no_weights_file(copy_adapter: CopyAdapter, base: BaseModelSpec) -> None:
+    folder = copy_adapter()
+    (folder / "adapter_model.safetensors").unlink()
+    refused(folder, base, InvalidAdapter, "has no adapter_model.safetensors")
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda data: data[: len(data) // 2], id="truncated"),
+        pytest.param(lambda data: b"\x00garbage" * 64, id="garbage"),
+        pytest.param(lambda data: (2**40).to_bytes(8, "little") + data[8:], id="header-size"),
+    ],
+)
+def test_corrupt_safetensors(
+    copy_adapter: CopyAdapter, base: BaseModelSpec, damage: Callable[[bytes], bytes]
+) -> None:
+    folder = copy_adapter()
+    weights = folder / "adapter_model.safetensors"
+    weights.write_bytes(damage(weights.read_bytes()))
+    refused(folder, base, InvalidAdapter, "is not a readable safetensors file")
+
+
+def test_weights_too_large(copy_adapter: CopyAdapter, base: BaseModelSpec) -> None:
+    folder = copy_adapter()
+    small = ValidationLimits(max_rank=16, max_adapter_bytes=1000)
+    refused(folder, base, AdapterTooLarge, "above this server's limit of 1,000 bytes", small)
+
+
+# --- tensor names, pairs, shapes, values ---------------------------------------------------
+
+
+def test_unknown_tensor_name(copy_adapter: CopyAdapter, base: BaseModelSpec) -> None:
+    folder = copy_adapter()
+    name = f"{PREFIX}model.language_model.layers.0.self_attn.q_proj.lora_A.default.weight"
+    edit_tensors(folder, lambda t: {**t, name: torch.ones(4, 128)})
+    refused(folder, base, InvalidAdapter, "lora_A.default.weight' is not a PEFT LoRA weight")
+
+
+def test_tensor_without_peft_prefix(copy_adapter: CopyAdapter, base: BaseModelSpec) -> None:
+    folder = copy_adapter()
+    edit_tensors(folder, lambda t: {k.removeprefix(PREFIX): v for k, v in t.items()})
+    refused(folder, base, InvalidAdapter, "is not a PEFT LoRA weight; expected names like")
+
+
+@pytest.mark.parametrize(
+    ("replace", "offending"),
+    [
+        ("model.language_model.", "model."),  # saved from a text-only model class
+        ("model.language_model.", "language_model."),
+        ("model.language_model.", "model.model.language_model."),
+    ],
+)
+def test_module_prefix_the_base_model_lacks(
+    copy_adapter: CopyAdapter, base: BaseModelSpec, replace: str, offending: str
+) -> None:
+    """The real-world "loads and does nothing" bug: weights under a prefix the model lacks."""
+    folder = copy_adapter()
+    edit_tensors(folder, lambda t: {k.replace(replace, offending): v for k, v in t.items()})
+    message = refused(folder, base, InvalidAdapter, "names no module of the base model")
+    assert f"'{PREFIX}{offending}layers.0.self_attn.k_proj.lora_A.weight'" in message
+    expected = f"'{PREFIX}model.language_model.layers.0.self_attn.q_proj.lora_A.weight'"
+    assert expected in message
+
+
+def test_layer_the_base_model_does_not_have(copy_adapter: CopyAdapter, base: BaseModelSpec) -> None:
+    folder = copy_adapter()
+    edit_tensors(folder, lambda t: {k.replace("layers.3.", "layers.30."): v for k, v in t.items()})
+    refused(folder, base, InvalidAdapter, "which the base model does not have")
+
+
+def test_wrong_shape(copy_adapter: CopyAdapter, base: BaseModelSpec) -> None:
+    folder = copy_adapter()
+    name = f"{PREFIX}model.language_model.layers.0.self_attn.q_proj.lora_A.weight"
+    edit_tensors(folder, lambda t: {**t, name: torch.ones(4, 64)})
+    refused(folder, base, InvalidAdapter, "has shape [4, 64], expected [4, 128]")
+
+
+def test_missing_lora_b(copy_adapter: CopyAdapter, base: BaseModelSpec) -> None:
+    folder = copy_adapter()
+    name = f"{PREFIX}model.language_model.layers.1.self_attn.v_proj.lora_B.weight"
+    edit_tensors(folder, lambda t: {k: v for k, v in t.items() if k != name})
+    refused(folder, base, InvalidAdapter, "layers.1.self_attn.v_proj has lora_A but no lora_B")
+
+
+def test_all_zero_lora_b(copy_adapter: CopyAdapter, base: BaseModelSpec) -> None:
+    folder = copy_adapter()
+    edit_tensors(
+        folder,
+        lambda t: {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in t.items()},
+    )
+    refused(folder, base, InvalidAdapter, "would not change the model")
+
+
+def test_some_zero_lora_b_is_accepted(copy_adapter: CopyAdapter, base: BaseModelSpec) -> None:
+    folder = copy_adapter()
+    first_b = f"{PREFIX}model.language_model.layers.0.self_attn.k_proj.lora_B.weight"
+    edit_tensors(folder, lambda t: {**t, first_b: torch.zeros_like(t[first_b])})
+    assert validate_adapter(folder, base, LIMITS).module_count == 16
+
+
+# --- base model name ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("declared", ["google/gemma-2-9b", "/home/alice/models/llama-3-8b"])
+def test_base_model_mismatch(copy_adapter: CopyAdapter, base: BaseModelSpec, declared: str) -> None:
+    folder = copy_adapter()
+    edit_config(folder, base_model_name_or_path=declared)
+    trained_for = declared.rsplit("/", 1)[-1]
+    message = refused(folder, base, InvalidAdapter, f"trained for '{trained_for}'")
+    assert "this server serves 'tiny-gemma4'; pass allow_base_mismatch" in message
+    assert "alice" not in message
+    manifest = validate_adapter(folder, base, LIMITS, allow_base_mismatch=True)
+    assert manifest.base_model_name_or_path == declared
+
+
+@pytest.mark.parametrize("declared", ["", None, "TINY-Gemma4", "/srv/models/tiny-gemma4/"])
+def test_base_model_name_accepted(
+    copy_adapter: CopyAdapter, base: BaseModelSpec, declared: str | None
+) -> None:
+    folder = copy_adapter()
+    edit_config(folder, base_model_name_or_path=declared)
+    validate_adapter(folder, base, LIMITS)
