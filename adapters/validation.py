@@ -38,6 +38,7 @@ PEFT_PREFIX = "base_model.model."
 MAX_CONFIG_BYTES = 1 << 20
 _HASH_CHUNK_BYTES = 1 << 20
 _FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})  # safetensors' dtype names
+_REGEX_TIMEOUT_SECONDS = 0.1
 _MAX_SHOWN_CHARS = 200  # room for a full tensor name
 
 _LORA_TENSOR = re.compile(r"(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight")
@@ -247,14 +248,28 @@ def _check_base_model(config: dict[str, Any], base: BaseModelSpec, allow_mismatc
 # --- target_modules ----------------------------------------------------------------------
 
 
+def _regex_matcher(pattern_text: str, field: str) -> Callable[[str], bool]:
+    """`fullmatch` for a regex from the adapter, refused if it is invalid or too slow."""
+    import regex  # re has no timeout, and an adapter's regex could backtrack for hours
+
+    try:
+        pattern = regex.compile(pattern_text)
+    except (regex.error, TypeError, ValueError):
+        raise InvalidAdapter(f"{field} is not a valid regular expression") from None
+
+    def fullmatch(name: str) -> bool:
+        try:
+            return pattern.fullmatch(name, timeout=_REGEX_TIMEOUT_SECONDS) is not None
+        except TimeoutError:
+            raise InvalidAdapter(f"{field} is a regular expression too slow to evaluate") from None
+
+    return fullmatch
+
+
 def _module_matcher(value: object, field: str) -> Callable[[str], bool]:
     """PEFT's rule: a string is a regex that must match the whole name; a list names suffixes."""
     if isinstance(value, str):
-        try:
-            pattern = re.compile(value)
-        except re.error:
-            raise InvalidAdapter(f"{field} is not a valid regular expression") from None
-        return lambda name: pattern.fullmatch(name) is not None
+        return _regex_matcher(value, field)
     if isinstance(value, list) and value and all(isinstance(k, str) and k for k in value):
         keys = tuple(value)
         return lambda name: any(name == k or name.endswith("." + k) for k in keys)
@@ -300,16 +315,16 @@ def _check_target_modules(
 def _not_adaptable_message(subject: str, modules: list[str], limits: ValidationLimits) -> str:
     groups = sorted({module_group(m) for m in modules}, key=lambda g: g.value)
     towers = [g for g in groups if g.is_tower]
-    example = modules[0]
     if towers and not limits.tower_lora:
         where = " and the ".join(g.value for g in towers)
+        example = next(m for m in modules if module_group(m).is_tower)
         return (
             f"{subject} targets the {where} (e.g. {example}), which this server does not adapt; "
             "enable tower LoRA on the server, or target the language model only "
-            f"(e.g. target_modules={_LANGUAGE_TARGETS_REGEX!r})"
+            f'(e.g. target_modules="{_LANGUAGE_TARGETS_REGEX}")'
         )
     return (
-        f"{subject} targets {example}, which this server does not adapt: it adapts the "
+        f"{subject} targets {modules[0]}, which this server does not adapt: it adapts the "
         "language model's q/k/v/o/gate/up/down projections"
         + (" and the vision/audio towers" if limits.tower_lora else "")
     )
@@ -479,7 +494,7 @@ def _unknown_module_message(
 def _module_rank(module: str, r: int, rank_pattern: dict[str, int]) -> int:
     # vLLM's and PEFT's rule: the first key that is a dotted suffix of the module name wins.
     for key, rank in rank_pattern.items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        if _regex_matcher(rf"(.*\.)?({key})", "a rank_pattern key")(module):
             return rank
     return r
 

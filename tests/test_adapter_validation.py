@@ -6,6 +6,7 @@ import hashlib
 import json
 import re
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -309,6 +310,14 @@ def test_target_modules_bad_regex(copy_adapter: CopyAdapter, base: BaseModelSpec
     refused(folder, base, InvalidAdapter, "not a valid regular expression")
 
 
+def test_target_modules_regex_too_slow(copy_adapter: CopyAdapter, base: BaseModelSpec) -> None:
+    folder = copy_adapter()
+    edit_config(folder, target_modules=r"(\w|\w\w|\.)+\d\d")  # backtracks for hours under re
+    started = time.perf_counter()
+    refused(folder, base, InvalidAdapter, "regular expression too slow to evaluate")
+    assert time.perf_counter() - started < 5
+
+
 def test_targets_only_the_vision_tower(copy_adapter: CopyAdapter, base: BaseModelSpec) -> None:
     folder = copy_adapter()
     edit_config(folder, target_modules=r".*vision_tower.*\.(q|k|v|o)_proj")
@@ -496,6 +505,16 @@ def test_wrong_shape(copy_adapter: CopyAdapter, base: BaseModelSpec) -> None:
     name = f"{PREFIX}model.language_model.layers.0.self_attn.q_proj.lora_A.weight"
     edit_tensors(folder, lambda t: {**t, name: torch.ones(4, 64)})
     refused(folder, base, InvalidAdapter, "has shape [4, 64], expected [4, 128]")
+
+
+def test_rank_pattern_sets_the_expected_shape(
+    copy_adapter: CopyAdapter, base: BaseModelSpec
+) -> None:
+    folder = copy_adapter()
+    edit_config(folder, rank_pattern={"q_proj": 8})
+    refused(
+        folder, base, InvalidAdapter, "lora_A of model.language_model.layers.0.self_attn.q_proj"
+    )
 
 
 def test_missing_lora_b(copy_adapter: CopyAdapter, base: BaseModelSpec) -> None:
