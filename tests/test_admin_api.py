@@ -1,4 +1,4 @@
-"""The admin API on the real engine through real HTTP: validation, hot load, replace, unload, auth."""
+"""The admin API on the real engine over HTTP: validation, load, replace, unload, auth."""
 
 from __future__ import annotations
 
@@ -398,6 +398,8 @@ async def test_admin_api_is_off_without_admin_keys(
         error = assert_envelope(response, 403, "PermissionDeniedError")
         assert "GEMMA_SERVER_ADMIN_KEYS" in error["message"]
     open_settings = settings.model_copy(update={"admin_open_on_loopback": True})
-    async with live_server(open_settings, engine, first_adapter_id=40_000) as server:
-        async with http(server, None) as client:
-            assert (await client.get("/v1/adapters")).status_code == 200
+    async with (
+        live_server(open_settings, engine, first_adapter_id=40_000) as server,
+        http(server, None) as client,
+    ):
+        assert (await client.get("/v1/adapters")).status_code == 200
