@@ -78,7 +78,7 @@ def _fill_lora_weights(peft_model: Any, spec: DemoAdapterSpec, seed: int) -> Non
             lora_b.copy_(b)
 
 
-def _load_base_model(model_dir: Path) -> Any:
+def load_base_model(model_dir: Path) -> Any:
     import torch
     from transformers import Gemma4ForConditionalGeneration
 
@@ -98,7 +98,7 @@ def write_demo_adapter(
 
     model_dir = Path(model_dir)
     out_dir = Path(out_dir)
-    base = copy.deepcopy(base) if base is not None else _load_base_model(model_dir)
+    base = copy.deepcopy(base) if base is not None else load_base_model(model_dir)
     config = LoraConfig(
         r=spec.rank,
         lora_alpha=spec.alpha,
@@ -119,7 +119,7 @@ def write_demo_adapter(
 
 def write_demo_adapters(model_dir: Path, out_dir: Path, *, seed: int = 0) -> dict[str, Path]:
     """Write every adapter of `DEMO_ADAPTERS` to `out_dir/<name>/`; return name -> folder."""
-    base = _load_base_model(Path(model_dir))
+    base = load_base_model(Path(model_dir))
     written: dict[str, Path] = {}
     for spec in DEMO_ADAPTERS:
         written[spec.name] = write_demo_adapter(

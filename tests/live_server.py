@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 import uvicorn
 from fastapi import FastAPI
 
@@ -78,3 +82,32 @@ async def live_server(
     finally:
         server.should_exit = True
         await task
+
+
+def server_command(tiny_cache: Path, port: int, *flags: str) -> list[str]:
+    """`python -m server` on the tiny model with small test settings, plus `flags`."""
+    return [
+        sys.executable,
+        "-m",
+        "server",
+        "--cache-dir",
+        str(tiny_cache),
+        "--port",
+        str(port),
+        "--max-model-len",
+        "1024",
+        "--kv-cache-memory-bytes",
+        str(64 * 2**20),
+        *flags,
+    ]
+
+
+def kill_tree(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a server and its engine processes, as a crash or an OOM kill would."""
+    if process.poll() is None:
+        children = psutil.Process(process.pid).children(recursive=True)
+        process.kill()
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+    process.wait(30)

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import psutil
 import pytest
 
 from server.default_model import DefaultModel
-from tests.live_server import free_port, wait_ready
+from tests.live_server import free_port, kill_tree, server_command, wait_ready
 
 
 @pytest.fixture
@@ -23,32 +21,12 @@ def server_process(
     tiny: DefaultModel, tmp_path: Path
 ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "server",
-        "--cache-dir",
-        str(tiny.model_dir.parent),
-        "--port",
-        str(port),
-        "--max-model-len",
-        "1024",
-        "--kv-cache-memory-bytes",
-        str(64 * 2**20),
-        "--state-dir",
-        str(tmp_path / "state"),
-        "--drain-timeout-seconds",
-        "60",
-    ]
-    process = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    flags = ["--state-dir", str(tmp_path / "state"), "--drain-timeout-seconds", "60"]
+    process = subprocess.Popen(server_command(tiny.model_dir.parent, port, *flags))
     try:
         yield process, f"http://127.0.0.1:{port}"
     finally:
-        if process.poll() is None:
-            for child in psutil.Process(process.pid).children(recursive=True):
-                child.kill()
-            process.kill()
-        process.wait(30)
+        kill_tree(process)
 
 
 async def test_sigterm_lets_in_flight_requests_finish_then_stops_everything(

@@ -14,9 +14,10 @@ import functools
 import importlib
 import logging
 from collections.abc import Callable
-from typing import Any
 
 import torch
+
+from server.vllm_compat.vllm_version import is_target_vllm
 
 logger = logging.getLogger(__name__)
 
@@ -45,13 +46,6 @@ def row_contiguous(gemm: Gemm) -> Gemm:
     return gemm_with_row_contiguous_input
 
 
-def _is_vllm_0_32() -> bool:
-    import vllm
-
-    version: tuple[Any, ...] = getattr(vllm, "__version_tuple__", ())
-    return tuple(version[:2]) == (0, 32)
-
-
 def _passes_strided_input(gemm: Gemm) -> bool:
     """True when `gemm` hands a transposed input on unchanged (the known bug)."""
     seen: list[torch.Tensor] = []
@@ -77,7 +71,7 @@ def apply() -> bool:
     Returns True when the fix is in place (also on a repeated call), False when this vLLM,
     platform or GEMM is not the one the fix targets.
     """
-    if not _is_vllm_0_32():
+    if not is_target_vllm():
         return False
     from vllm.platforms import current_platform
 

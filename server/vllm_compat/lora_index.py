@@ -14,9 +14,10 @@ import importlib
 import logging
 from collections.abc import Callable
 from types import ModuleType
-from typing import Any
 
 import torch
+
+from server.vllm_compat.vllm_version import is_target_vllm
 
 logger = logging.getLogger(__name__)
 
@@ -164,13 +165,6 @@ REPLACEMENTS: dict[str, Callable[..., None]] = {
 }
 
 
-def _is_vllm_0_32() -> bool:
-    import vllm
-
-    version: tuple[Any, ...] = getattr(vllm, "__version_tuple__", ())
-    return tuple(version[:2]) == (0, 32)
-
-
 def _uses_torch_lora_ops() -> bool:
     """True when this platform's LoRA wrapper is the one that runs the torch ops."""
     from vllm.platforms import current_platform
@@ -207,7 +201,7 @@ def apply() -> bool:
     Returns True when the fix is in place (also on a repeated call), False when this vLLM,
     platform or op implementation is not the one the fix targets.
     """
-    if not _is_vllm_0_32() or not _uses_torch_lora_ops():
+    if not is_target_vllm() or not _uses_torch_lora_ops():
         return False
     ops = importlib.import_module(_OPS_MODULE)
     bindings = [importlib.import_module(name) for name in _BINDING_MODULES]
