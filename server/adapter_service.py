@@ -10,20 +10,37 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from adapters.base_model import BaseModelSpec
-from adapters.errors import AdapterError, AdapterExists, InvalidAdapter
+from adapters.errors import (
+    AdapterError,
+    AdapterExists,
+    AdapterNotFound,
+    AdapterTooLarge,
+    InvalidAdapter,
+)
 from adapters.persistence import RegistryStore
 from adapters.registry import AdapterRecord, AdapterRegistry, check_name
+from adapters.residency import HostCacheModel
 from adapters.sources import resolve_under_roots, store_upload
 from adapters.validation import ValidationLimits, validate_adapter
 from server.errors import NotFound
 from server.inference_engine import AdapterRef, EngineError, InferenceEngine
+from server.metrics import ServiceMetrics
 
 logger = logging.getLogger(__name__)
+
+
+_FAILURE_REASONS: dict[type[Exception], str] = {
+    AdapterExists: "exists",
+    AdapterNotFound: "not_found",
+    AdapterTooLarge: "too_large",
+    InvalidAdapter: "invalid",
+}
 
 
 def adapter_ref(record: AdapterRecord) -> AdapterRef:
@@ -85,8 +102,12 @@ class AdapterService:
         base: BaseModelSpec,
         limits: ValidationLimits,
         sources: AdapterSources,
+        metrics: ServiceMetrics,
+        host_cache_size: int,
     ) -> None:
         self._engine = engine
+        self._metrics = metrics
+        self._host_cache = HostCacheModel(host_cache_size)
         self.registry = registry
         self._store = store
         self._base = base
@@ -110,6 +131,8 @@ class AdapterService:
         if record is None:
             raise NotFound(f"The model `{model}` does not exist.", param="model")
         self.registry.mark_used(model)
+        if self._host_cache.touch(record.int_id):
+            self._metrics.adapter_on_demand_loads.inc()
         return AdapterLease(adapter_ref(record), self._in_flight)
 
     def in_flight(self, int_id: int) -> int:
@@ -119,6 +142,20 @@ class AdapterService:
 
     async def load(self, request: LoadRequest) -> AdapterRecord:
         """Validate, load into the engine, then switch the name to the new version at once."""
+        started = time.perf_counter()
+        try:
+            record, replaced = await self._load(request)
+        except Exception as exc:
+            reason = _FAILURE_REASONS.get(type(exc), "error")
+            self._metrics.adapter_load_failures.labels(reason).inc()
+            raise
+        self._metrics.adapter_loads.inc()
+        if replaced:
+            self._metrics.adapter_replaces.inc()
+        self._metrics.adapter_load_seconds.observe(time.perf_counter() - started)
+        return record
+
+    async def _load(self, request: LoadRequest) -> tuple[AdapterRecord, bool]:
         check_name(request.name, self.base_model_name)
         async with self.registry.locked(request.name):
             previous = self.registry.find(request.name)
@@ -145,7 +182,7 @@ class AdapterService:
             if previous is not None:
                 self._retire(previous)
             logger.info("adapter %s v%d loaded (id %d)", record.name, record.version, record.int_id)
-            return record
+            return record, previous is not None
 
     async def unload(self, name: str) -> AdapterRecord:
         """The name disappears at once; the engine's copy goes once its requests have finished."""
@@ -153,6 +190,7 @@ class AdapterService:
             record = self.registry.remove(name)
             await self._persist()
         self._retire(record)
+        self._metrics.adapter_unloads.inc()
         logger.info("adapter %s unloaded (id %d)", name, record.int_id)
         return record
 
@@ -176,8 +214,10 @@ class AdapterService:
                     allow_base_mismatch=True,
                 )
                 await self._engine.add_adapter(adapter_ref(record))
+                self._host_cache.touch(record.int_id)
                 if record.pinned:
                     await self._engine.pin_adapter(record.int_id)
+                    self._host_cache.pin(record.int_id)
             except (AdapterError, EngineError) as exc:
                 logger.error("registered adapter %s could not be restored: %s", record.name, exc)
                 continue
@@ -252,9 +292,13 @@ class AdapterService:
         )
         try:
             await self._engine.add_adapter(adapter_ref(record))
-            if pin and not await self._engine.pin_adapter(record.int_id):
-                raise EngineError("the engine could not pin the adapter")
+            self._host_cache.touch(record.int_id)
+            if pin:
+                if not await self._engine.pin_adapter(record.int_id):
+                    raise EngineError("the engine could not pin the adapter")
+                self._host_cache.pin(record.int_id)
         except EngineError as exc:
+            self._host_cache.drop(record.int_id)
             logger.error("engine refused adapter %s: %s", name, exc)
             await self._engine.remove_adapter(record.int_id)
             raise InvalidAdapter(f"the engine could not load adapter `{name}`") from exc
@@ -263,6 +307,7 @@ class AdapterService:
     async def _persist(self) -> None:
         # One writer at a time, each with a snapshot taken under the lock: never an older
         # snapshot over a newer one.
+        self._metrics.adapters_registered.set(len(self.registry))
         async with self._persist_lock:
             records = list(self.registry)
             await asyncio.to_thread(self._store.save, records, self.registry.next_id)
@@ -276,6 +321,7 @@ class AdapterService:
         while self._in_flight[record.int_id] > 0:
             await asyncio.sleep(0.05)
         del self._in_flight[record.int_id]
+        self._host_cache.drop(record.int_id)
         await self._engine.remove_adapter(record.int_id)
         folder = Path(record.path)
         if folder.parent == self._sources.upload_dir.resolve():  # uploads are ours to delete

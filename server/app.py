@@ -20,7 +20,7 @@ from adapters.persistence import RegistryStore
 from adapters.registry import AdapterRegistry
 from adapters.sources import remove_partial_uploads, scan_preload_dir
 from adapters.validation import ValidationLimits
-from server import health_router, models_router
+from server import health_router, metrics_router, models_router
 from server.adapter_service import AdapterService, AdapterSources
 from server.admin import api_router as admin_router
 from server.default_model import ensure_default_model
@@ -41,6 +41,7 @@ from server.inference.prompt import ChatRenderer
 from server.inference_engine import InferenceEngine
 from server.lifecycle import Phase, ServiceLifecycle
 from server.media import MediaLimits
+from server.metrics import ServiceMetrics
 from server.request_context import BodyTooLarge, RequestContextMiddleware
 from server.services import Services
 from server.settings import Settings
@@ -128,6 +129,8 @@ async def _start_services(
         from server.engine import VllmEngine  # vLLM is heavy: import it only when it runs
 
         engine = owned = await VllmEngine.start(settings, str(model_dir), served_name)
+    metrics: ServiceMetrics = app.state.metrics
+    metrics.set_base_model(served_name)
     upload_dir = settings.state_dir / "uploads"
     upload_dir.mkdir(parents=True, exist_ok=True)
     await asyncio.to_thread(remove_partial_uploads, upload_dir)
@@ -144,6 +147,9 @@ async def _start_services(
         AdapterSources(
             roots=[root.resolve() for root in settings.adapter_roots], upload_dir=upload_dir
         ),
+        metrics,
+        # vLLM keeps max_cpu_loras adapters in host memory, max_loras when unset.
+        host_cache_size=settings.max_cpu_loras or settings.max_loras,
     )
     await adapters.restore()
     await adapters.preload(_startup_folders(settings, preload_dir))
@@ -161,8 +167,8 @@ async def _start_services(
     app.state.services = Services(
         engine=engine,
         adapters=adapters,
-        chat=ChatService(engine, renderer, adapters.acquire),
-        completions=CompletionService(engine, adapters.acquire),
+        chat=ChatService(engine, renderer, adapters.acquire, metrics),
+        completions=CompletionService(engine, adapters.acquire, metrics),
         started_at=int(time.time()),
     )
     return owned
@@ -206,14 +212,17 @@ def create_app(settings: Settings, engine: InferenceEngine | None = None) -> Fas
     app.state.settings = settings
     app.state.lifecycle = ServiceLifecycle()
     app.state.services = None
+    app.state.metrics = ServiceMetrics(settings.metrics_max_adapter_labels)
     app.add_middleware(
         RequestContextMiddleware,
+        metrics=app.state.metrics,
         max_body_bytes=settings.max_request_bytes,
         # Adapter uploads may be larger than any inference request.
         large_body_paths={"/v1/adapters": settings.max_adapter_bytes + 2**20},
     )
     _install_error_handlers(app)
     app.include_router(health_router.router)
+    app.include_router(metrics_router.router)
     app.include_router(models_router.router)
     app.include_router(inference_router.router)
     app.include_router(admin_router.router)

@@ -147,6 +147,13 @@ def _logprobs(output: CompletionOutput) -> list[TokenLogprob] | None:
     return result
 
 
+def _queue_seconds(output: RequestOutput) -> float | None:
+    stats = output.metrics
+    if stats is None or not stats.scheduled_ts or not stats.queued_ts:
+        return None
+    return max(0.0, stats.scheduled_ts - stats.queued_ts)
+
+
 def _chunk(output: RequestOutput) -> GenerationChunk:
     return GenerationChunk(
         request_id=output.request_id,
@@ -162,6 +169,7 @@ def _chunk(output: RequestOutput) -> GenerationChunk:
             for completion in output.outputs
         ],
         finished=output.finished,
+        queue_seconds=_queue_seconds(output),
     )
 
 

@@ -85,6 +85,7 @@ class GenerationChunk:
     prompt_token_count: int
     completions: list[CompletionDelta]
     finished: bool
+    queue_seconds: float | None = None  # how long the request waited to be scheduled
 
 
 class EngineError(Exception):

@@ -16,6 +16,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import error_body
+from server.metrics import ServiceMetrics
 
 logger = logging.getLogger("server.access")
 
@@ -37,9 +38,14 @@ class BodyTooLarge(Exception):
 
 class RequestContextMiddleware:
     def __init__(
-        self, app: ASGIApp, max_body_bytes: int, large_body_paths: dict[str, int] | None = None
+        self,
+        app: ASGIApp,
+        metrics: ServiceMetrics,
+        max_body_bytes: int,
+        large_body_paths: dict[str, int] | None = None,
     ) -> None:
         self.app = app
+        self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.large_body_paths = large_body_paths or {}
 
@@ -87,6 +93,10 @@ class RequestContextMiddleware:
                 except BodyTooLarge:
                     await self._too_large(send_with_id, limit)
         finally:
+            route = scope.get("route")
+            self.metrics.http_requests.labels(
+                getattr(route, "path", "unmatched"), scope["method"], str(status)
+            ).inc()
             logger.info(
                 "%s %s %d %.1f ms",
                 scope["method"],

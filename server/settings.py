@@ -109,6 +109,12 @@ class Settings(BaseSettings):
         False,
         description="Local development only: admin API without a key, on a loopback bind.",
     )
+    metrics_need_admin_key: bool = Field(
+        False, description="Serve /metrics only to requests with an admin key."
+    )
+    metrics_max_adapter_labels: int = Field(
+        100, ge=0, description="Adapters with their own metric label; the rest are `other`."
+    )
     drain_timeout_seconds: float = Field(
         30.0, ge=0, description="On SIGTERM, how long in-flight requests may finish."
     )

@@ -16,6 +16,7 @@ from server.default_model import DefaultModel
 from server.engine import VllmEngine
 from tests.conftest import engine_settings
 from tests.live_server import LiveServer, live_server
+from tests.test_metrics import scrape, value
 
 ADAPTER_COUNT = 52
 MAX_LORAS = 2
@@ -97,3 +98,8 @@ async def test_round_robin_over_many_adapters(crowded: LiveServer, preload_dir: 
     resident = await crowded.app.state.services.adapters.resident_ids()
     assert pinned_id in resident, "a pinned adapter never leaves memory"
     assert len(resident) <= MAX_CPU_LORAS
+    async with httpx.AsyncClient(base_url=crowded.base_url) as http:
+        metrics = scrape((await http.get("/metrics")).text)
+    # Round robin over 53 adapters with 4 in host memory: nearly every request misses.
+    misses = value(metrics, "gemma_server_adapter_on_demand_loads_total")
+    assert len(names) <= misses <= len(names) + len(order)

@@ -27,6 +27,7 @@ from server.inference.prompt import ChatRenderer
 from server.inference.protocol import ChatCompletionRequest
 from server.inference.sse import DONE, sse_event
 from server.inference_engine import GenerationChunk, InferenceEngine, TokenLogprob
+from server.metrics import ServiceMetrics
 
 ModelResolver = Callable[[str], AdapterLease]  # the adapter a request's `model` names
 
@@ -58,11 +59,16 @@ class ChatService:
     """Serves `POST /v1/chat/completions`."""
 
     def __init__(
-        self, engine: InferenceEngine, renderer: ChatRenderer, resolve_model: ModelResolver
+        self,
+        engine: InferenceEngine,
+        renderer: ChatRenderer,
+        resolve_model: ModelResolver,
+        metrics: ServiceMetrics,
     ) -> None:
         self._engine = engine
         self.renderer = renderer
         self._resolve_model = resolve_model
+        self._metrics = metrics
 
     async def _open(
         self, request: ChatCompletionRequest, request_id: str
@@ -73,7 +79,8 @@ class ChatService:
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         sampling = sampling_from(request, request.token_limit(), logprobs)
         lease = self._resolve_model(request.model)
-        return await open_generation(self._engine, request_id, prompt, sampling, lease)
+        tracker = self._metrics.track(request.model)
+        return await open_generation(self._engine, request_id, prompt, sampling, lease, tracker)
 
     async def complete(self, request: ChatCompletionRequest, request_id: str) -> ChatCompletion:
         """The whole answer at once."""

@@ -23,6 +23,7 @@ from server.inference.generation import (
 from server.inference.protocol import CompletionRequest
 from server.inference.sse import DONE, sse_event
 from server.inference_engine import GenerationChunk, InferenceEngine, Prompt, TokenLogprob
+from server.metrics import ServiceMetrics
 
 
 def _legacy_logprobs(steps: list[TokenLogprob]) -> Logprobs:
@@ -41,9 +42,12 @@ def _legacy_logprobs(steps: list[TokenLogprob]) -> Logprobs:
 class CompletionService:
     """Serves `POST /v1/completions`; a list of prompts runs as one engine request per prompt."""
 
-    def __init__(self, engine: InferenceEngine, resolve_model: ModelResolver) -> None:
+    def __init__(
+        self, engine: InferenceEngine, resolve_model: ModelResolver, metrics: ServiceMetrics
+    ) -> None:
         self._engine = engine
         self._resolve_model = resolve_model
+        self._metrics = metrics
 
     async def _open(
         self, request: CompletionRequest, request_id: str
@@ -54,9 +58,15 @@ class CompletionService:
         try:
             for i, text in enumerate(prompts):
                 lease = self._resolve_model(request.model)
+                tracker = self._metrics.track(request.model)
                 streams.append(
                     await open_generation(
-                        self._engine, f"{request_id}-{i}", Prompt(text=text), sampling, lease
+                        self._engine,
+                        f"{request_id}-{i}",
+                        Prompt(text=text),
+                        sampling,
+                        lease,
+                        tracker,
                     )
                 )
         except BaseException:

@@ -23,6 +23,7 @@ from server.inference_engine import (
     Sampling,
     TokenLogprob,
 )
+from server.metrics import RequestTracker
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -91,22 +92,28 @@ async def open_generation(
     prompt: Prompt,
     sampling: Sampling,
     lease: AdapterLease,
+    tracker: RequestTracker,
 ) -> AsyncIterator[GenerationChunk]:
     """Submit a request and wait for its first output, so input errors raise before any byte.
 
     The returned stream aborts the engine request if it is closed before the request finished
-    (a client that went away, or a cancelled handler), and releases the adapter lease at its end.
+    (a client that went away, or a cancelled handler), releases the adapter lease at its end,
+    and reports the request's outcome to `tracker`.
     """
     stream = engine.generate(request_id, prompt, sampling, lease.adapter)
     try:
         first = await anext(stream)
-    except EngineError as exc:
+    except BaseException as exc:
         lease.release()
-        raise service_error(exc) from exc
-    except BaseException:
-        lease.release()
+        if isinstance(exc, EngineError) and exc.is_client_fault:
+            tracker.finished("rejected", 0, 0)
+        else:
+            cancelled = isinstance(exc, asyncio.CancelledError)
+            tracker.finished("aborted" if cancelled else "error", 0, 0)
+        if isinstance(exc, EngineError):
+            raise service_error(exc) from exc
         raise
-    return _guarded(engine, request_id, _prepend(first, stream), lease)
+    return _guarded(engine, request_id, _prepend(first, stream), lease, tracker)
 
 
 async def _guarded(
@@ -114,16 +121,28 @@ async def _guarded(
     request_id: str,
     stream: AsyncIterator[GenerationChunk],
     lease: AdapterLease,
+    tracker: RequestTracker,
 ) -> AsyncIterator[GenerationChunk]:
     finished = False
+    status = "aborted"  # unless the stream ends or fails
+    prompt_tokens = completion_tokens = 0
     try:
         async for chunk in stream:
             finished = chunk.finished
+            prompt_tokens = chunk.prompt_token_count
+            tracker.queued(chunk.queue_seconds)
+            new_tokens = sum(len(c.token_ids) for c in chunk.completions)
+            if new_tokens:
+                completion_tokens += new_tokens
+                tracker.tokens_arrived()
             yield chunk
+        status = "ok"
     except EngineError as exc:
+        status = "error"
         raise service_error(exc) from exc
     finally:
         lease.release()
+        tracker.finished(status, prompt_tokens, completion_tokens)
         if not finished:
             await asyncio.shield(engine.abort(request_id))
 

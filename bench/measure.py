@@ -1,0 +1,158 @@
+"""What one run measures: per-request timings, their summary, and the process tree's peak RSS."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import psutil
+
+
+@dataclass
+class RequestRecord:
+    """One request as the client saw it (times from time.perf_counter)."""
+
+    started: float
+    finished: float = 0.0
+    first_token: float | None = None  # the first event carrying a choice (role or token)
+    token_times: list[float] = field(default_factory=list)  # events carrying output
+    completion_tokens: int = 0
+    prompt_tokens: int = 0
+    error: str | None = None
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear-interpolated percentile (numpy's default), q in [0, 100]."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value * 1000, 2)
+
+
+@dataclass
+class RunMetrics:
+    """One measured run of one cell on one target."""
+
+    requests: int
+    errors: int
+    seconds: float
+    requests_per_s: float
+    output_tokens_per_s: float
+    ttft_p50_ms: float | None
+    ttft_p99_ms: float | None
+    itl_p50_ms: float | None
+    itl_p99_ms: float | None
+    peak_rss_mib: float | None
+    prompt_tokens_mean: float | None
+    first_error: str | None = None
+
+
+def summarize(
+    records: list[RequestRecord],
+    seconds: float,
+    expected_tokens: int,
+    peak_rss_bytes: int | None,
+) -> RunMetrics:
+    """Throughput over the run's wall time; latencies over the requests that succeeded.
+
+    A request that ends with another number of output tokens than asked for is an error.
+    """
+    for record in records:
+        if record.error is None and record.completion_tokens != expected_tokens:
+            record.error = f"{record.completion_tokens} output tokens, expected {expected_tokens}"
+    good = [r for r in records if r.error is None]
+    ttft = [r.first_token - r.started for r in good if r.first_token is not None]
+    itl = [b - a for r in good for a, b in zip(r.token_times, r.token_times[1:], strict=False)]
+    tokens = sum(r.completion_tokens for r in good)
+    errors = [r.error for r in records if r.error is not None]
+    return RunMetrics(
+        requests=len(records),
+        errors=len(errors),
+        seconds=round(seconds, 3),
+        requests_per_s=round(len(good) / seconds, 3) if seconds > 0 else 0.0,
+        output_tokens_per_s=round(tokens / seconds, 2) if seconds > 0 else 0.0,
+        ttft_p50_ms=_ms(percentile(ttft, 50)),
+        ttft_p99_ms=_ms(percentile(ttft, 99)),
+        itl_p50_ms=_ms(percentile(itl, 50)),
+        itl_p99_ms=_ms(percentile(itl, 99)),
+        peak_rss_mib=None if peak_rss_bytes is None else round(peak_rss_bytes / 2**20, 1),
+        prompt_tokens_mean=round(statistics.fmean(r.prompt_tokens for r in good), 1)
+        if good
+        else None,
+        first_error=errors[0] if errors else None,
+    )
+
+
+def tree_rss(root: psutil.Process) -> int:
+    """Resident bytes of a process and all its descendants (shared pages counted per process)."""
+    total = 0
+    with contextlib.suppress(psutil.NoSuchProcess):
+        processes = [root, *root.children(recursive=True)]
+        for process in processes:
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                total += process.memory_info().rss
+    return total
+
+
+class RssSampler:
+    """Samples a process tree's RSS in a thread; `window()` gives the peak since the last call."""
+
+    def __init__(self, pid: int, interval: float = 0.2) -> None:
+        self._root = psutil.Process(pid)
+        self._interval = interval
+        self._lock = threading.Lock()
+        self._window_peak = 0
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        rss = tree_rss(self._root)
+        with self._lock:
+            self._window_peak = max(self._window_peak, rss)
+            self.peak = max(self.peak, rss)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self._interval)
+
+    def window(self) -> int:
+        """Peak bytes since the previous call (sampling once more now)."""
+        self._sample()
+        with self._lock:
+            peak, self._window_peak = self._window_peak, 0
+        return peak
+
+
+def now() -> float:
+    return time.perf_counter()
+
+
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop when installed: what uvicorn uses in both servers."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
