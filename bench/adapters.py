@@ -47,12 +47,8 @@ def ensure_bench_adapters(
     root = cache_dir / model_dir.name
     registered_dir = root / f"{REGISTERED}-{registered}"
     hot_dir = root / HOT
-    wanted = {
-        registered_dir / name: 1000 + i for i, name in enumerate(adapter_names(registered))
-    }
-    wanted |= {
-        hot_dir / name: HOT_SEED_OFFSET + i for i, name in enumerate(hot_adapter_names(hot))
-    }
+    wanted = {registered_dir / name: 1000 + i for i, name in enumerate(adapter_names(registered))}
+    wanted |= {hot_dir / name: HOT_SEED_OFFSET + i for i, name in enumerate(hot_adapter_names(hot))}
     missing = {folder: seed for folder, seed in wanted.items() if not _complete(folder)}
     if missing:
         from adapters.demo import DEMO_ADAPTERS, load_base_model, write_demo_adapter

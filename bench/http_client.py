@@ -49,7 +49,9 @@ async def stream_chat(http: httpx.AsyncClient, url: str, body: bytes) -> Request
                 if choices:
                     if record.first_token is None:
                         record.first_token = arrived
-                    if any(c.get("delta", {}).get("content") or c.get("finish_reason") for c in choices):
+                    if any(
+                        c.get("delta", {}).get("content") or c.get("finish_reason") for c in choices
+                    ):
                         record.token_times.append(arrived)
                 usage = event.get("usage")
                 if usage:
@@ -106,7 +108,9 @@ async def hot_load(
         )
         loaded = now()
         if response.status_code not in (200, 201):
-            return HotLoad(loaded - started, None, f"HTTP {response.status_code}: {response.text[:200]}")
+            return HotLoad(
+                loaded - started, None, f"HTTP {response.status_code}: {response.text[:200]}"
+            )
         record = await stream_chat(http, f"{base_url}/v1/chat/completions", body)
     if record.error or record.first_token is None:
         return HotLoad(loaded - started, None, record.error or "no token")

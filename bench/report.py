@@ -35,9 +35,7 @@ def median_runs(runs: list[RunMetrics]) -> dict[str, Any]:
     return summary
 
 
-def aggregate(
-    rounds: dict[str, list[RoundResult]], cells: list[Cell]
-) -> dict[str, Any]:
+def aggregate(rounds: dict[str, list[RoundResult]], cells: list[Cell]) -> dict[str, Any]:
     """Per cell: each target's medians, and the ratios of the service to the others."""
     result: dict[str, Any] = {"cells": {}, "hot_load": {}, "peak_rss_mib": {}}
     for cell in cells:
@@ -213,7 +211,5 @@ def tables(summary: dict[str, Any], cells: list[Cell], checks: list[dict[str, An
     if checks:
         met = sum(1 for c in checks if c["met"])
         lines += ["", f"Targets: {met} of {len(checks)} met", ""]
-        lines += [
-            f"- [{'x' if c['met'] else ' '}] {c['target']}: {c['detail']}" for c in checks
-        ]
+        lines += [f"- [{'x' if c['met'] else ' '}] {c['target']}: {c['detail']}" for c in checks]
     return "\n".join(lines)

@@ -41,7 +41,7 @@ class Plan:
     hot: dict[str, str]  # adapter name -> folder, loaded during the round
 
     def to_json(self) -> dict[str, Any]:
-        return to_json(self)  # type: ignore[no-any-return]
+        return dict(to_json(self))
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Plan:
@@ -163,7 +163,9 @@ async def run_round(
             label,
             name,
             loaded.load_seconds * 1000,
-            None if loaded.first_token_seconds is None else round(loaded.first_token_seconds * 1000),
+            None
+            if loaded.first_token_seconds is None
+            else round(loaded.first_token_seconds * 1000),
             f" ({loaded.error})" if loaded.error else "",
         )
     result.peak_rss_mib = round(sampler.peak / 2**20, 1)

@@ -20,14 +20,16 @@ MIB = 2**20
 ADMIN_KEY = "bench-admin-key"
 
 # Plain English words: the tiny model's tokenizer was trained on English text.
-_WORDS = (
-    "river stone light garden window paper music winter summer forest market bridge cloud "
-    "mountain ocean letter morning evening silver golden quiet simple bright gentle story "
-    "village teacher doctor farmer painter island harbor station engine signal number "
-    "question answer reason season flower branch meadow valley shadow candle thunder "
-    "journey history memory picture kitchen table chair basket bottle mirror pocket "
-    "travel listen follow gather wonder measure remember consider discover imagine"
-).split()
+_WORD_TEXT = (
+    "river stone light garden window paper music winter summer forest market bridge "
+    "cloud mountain ocean letter morning evening silver golden quiet simple bright "
+    "gentle story village teacher doctor farmer painter island harbor station engine "
+    "signal number question answer reason season flower branch meadow valley shadow "
+    "candle thunder journey history memory picture kitchen table chair basket bottle "
+    "mirror pocket travel listen follow gather wonder measure remember consider discover "
+    "imagine"
+)
+_WORDS = tuple(_WORD_TEXT.split())
 
 
 @dataclass(frozen=True)
@@ -184,7 +186,7 @@ class PromptFactory:
         keep = max(1, tokens - self._overhead)
         best = ""
         for _ in range(8):
-            candidate = self.tokenizer.decode(ids[:keep]).strip()
+            candidate = str(self.tokenizer.decode(ids[:keep])).strip()
             got = self.count(candidate)
             best = candidate
             if got == tokens or keep <= 1:

@@ -15,7 +15,7 @@ from vllm import SamplingParams
 from vllm.config import StructuredOutputsConfig
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
-from vllm.inputs import TextPrompt, TokensPrompt
+from vllm.inputs import TextPrompt
 from vllm.logprobs import PromptLogprobs, SampleLogprobs
 from vllm.lora.request import LoRARequest
 from vllm.outputs import CompletionOutput, RequestOutput
@@ -115,21 +115,16 @@ def lora_request(adapter: AdapterRef) -> LoRARequest:
     )
 
 
-def _engine_prompt(prompt: Prompt) -> TextPrompt | TokensPrompt:
+def _engine_prompt(prompt: Prompt) -> TextPrompt:
+    engine_prompt = TextPrompt(prompt=prompt.text)
     media: dict[str, Any] = {}
     if prompt.images:
         media["image"] = list(prompt.images)
     if prompt.audios:
         media["audio"] = [(audio, AUDIO_SAMPLE_RATE) for audio in prompt.audios]
-    if prompt.token_ids is not None:
-        tokens = TokensPrompt(prompt_token_ids=list(prompt.token_ids))
-        if media:
-            tokens["multi_modal_data"] = media
-        return tokens
-    text = TextPrompt(prompt=prompt.text or "")
     if media:
-        text["multi_modal_data"] = media
-    return text
+        engine_prompt["multi_modal_data"] = media
+    return engine_prompt
 
 
 def _logprobs(output: CompletionOutput) -> list[TokenLogprob] | None:

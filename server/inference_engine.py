@@ -50,8 +50,7 @@ class Sampling:
 class Prompt:
     """A rendered prompt (chat template already applied) and its media, in prompt order."""
 
-    text: str | None = None
-    token_ids: list[int] | None = None
+    text: str
     images: list[Image.Image] = field(default_factory=list)
     audios: list[np.ndarray] = field(default_factory=list)  # float32 mono at AUDIO_SAMPLE_RATE
 

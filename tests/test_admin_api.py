@@ -209,7 +209,7 @@ async def test_load_chat_unload(admin: LiveServer, root: Path, tiny: DefaultMode
         reference = hf_greedy(
             tiny.model_dir,
             root / "fresh-demo-mlp",
-            render(tiny, "short-text").text or "",
+            render(tiny, "short-text").text,
             max_tokens=12,
         )
         tokenizer_text = _decode(tiny, reference.token_ids)

@@ -19,6 +19,7 @@ from server.default_model import DefaultModel
 from server.engine import VllmEngine
 from server.inference_engine import Prompt, Sampling
 from tests.conftest import engine_settings
+from tests.image_host import image_host
 from tests.live_server import LiveServer, live_server
 from tests.media import seeded_audio, seeded_image
 
@@ -32,7 +33,11 @@ async def api(
     engine: VllmEngine, tiny: DefaultModel, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[LiveServer]:
     settings = engine_settings(
-        cache_dir=tiny.model_dir.parent, state_dir=tmp_path_factory.mktemp("api-state")
+        cache_dir=tiny.model_dir.parent,
+        state_dir=tmp_path_factory.mktemp("api-state"),
+        allow_remote_images=True,
+        remote_image_timeout_seconds=1.0,
+        max_image_bytes=2**20,
     )
     async with live_server(settings, engine, first_adapter_id=10_000) as server:
         yield server
@@ -292,3 +297,29 @@ async def test_non_streaming_disconnect_aborts_too(api: LiveServer, engine: Vllm
             break
         await asyncio.sleep(0.05)
     assert engine.running_request_count() == 0
+
+
+async def test_image_urls_when_enabled(api: LiveServer) -> None:
+    png = base64.b64decode(png_data_url().split(",", 1)[1])
+    files = {"/cat.png": png, "/slow": png, "/huge.png": b"\x89PNG" + bytes(2 * 2**20)}
+    client = async_client(api)
+
+    async def ask(url: str) -> str:
+        content = [{"type": "image_url", "image_url": {"url": url}}, CONTENTS["image"][1]]
+        reply = await client.chat.completions.create(
+            model="demo-all",
+            messages=[{"role": "user", "content": content}],
+            max_tokens=MAX_TOKENS,
+            temperature=0,
+        )
+        return reply.choices[0].message.content or ""
+
+    with image_host(files) as host:
+        assert await ask(f"{host}/cat.png") == await ask(png_data_url())
+        with pytest.raises(openai.APIStatusError) as too_big:
+            await ask(f"{host}/huge.png")
+        assert too_big.value.status_code == 413
+        with pytest.raises(openai.BadRequestError):
+            await ask(f"{host}/slow")
+        with pytest.raises(openai.BadRequestError):
+            await ask(f"{host}/missing.png")

@@ -72,7 +72,7 @@ def reference(tiny: DefaultModel, prompt: Prompt, adapter: AdapterRef | None) ->
     ref = hf_greedy(
         tiny.model_dir,
         adapter.path if adapter else None,
-        prompt.text or "",
+        prompt.text,
         images=prompt.images or None,
         audios=prompt.audios or None,
         max_tokens=MAX_TOKENS,
