@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from adapters.durable import fsync_dir
 from adapters.registry import AdapterRecord
 
 logger = logging.getLogger(__name__)
@@ -30,14 +31,6 @@ _TEMP_SUFFIX = ".tmp"
 
 class RegistryStateError(Exception):
     """The saved registry cannot be used; start-up should stop rather than lose it."""
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _parse(data: dict[str, Any]) -> tuple[list[AdapterRecord], int]:
@@ -93,7 +86,7 @@ class RegistryStore:
             Path(temp_name).unlink(missing_ok=True)
             raise
         # The rename itself is durable only once the folder's entry is on disk.
-        _fsync_dir(self.state_dir)
+        fsync_dir(self.state_dir)
 
     def load(self) -> tuple[list[AdapterRecord], int]:
         """The saved records and next id; ([], 1) if nothing was saved yet.
@@ -132,7 +125,7 @@ class RegistryStore:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
         aside = self.path.with_name(f"{REGISTRY_FILE}.corrupt-{stamp}")
         os.replace(self.path, aside)
-        _fsync_dir(self.state_dir)
+        fsync_dir(self.state_dir)
         logger.error(
             "adapter registry %s is corrupt (%s); moved it to %s and starting with no adapters",
             self.path,

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
+from adapters.durable import fsync_dir
 from adapters.errors import AdapterNotFound, AdapterTooLarge, InvalidAdapter
 from adapters.registry import check_name
 
@@ -330,14 +331,6 @@ def _write_files(files: dict[str, bytes], folder: Path, budget: _Budget) -> None
         _write_file(folder, name, iter([content]), budget)
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def store_upload(
     store_dir: Path,
     name: str,
@@ -375,7 +368,7 @@ def store_upload(
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    _fsync_dir(store_dir)  # makes the rename durable; the folder is complete either way
+    fsync_dir(store_dir)  # makes the rename durable; the folder is complete either way
     logger.info("stored uploaded adapter %s in %s", name, final)
     return final
 

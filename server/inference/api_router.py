@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from typing import Protocol, TypeVar
+
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel
 
 from server.deps import RequestIdDep, ServicesDep, require_inference_key
 from server.inference.generation import until_disconnected
@@ -12,6 +16,7 @@ from server.inference.sse import with_error_event
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_inference_key)])
 
+RequestT = TypeVar("RequestT", contravariant=True)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -21,31 +26,36 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-@router.post("/chat/completions")
-async def chat_completions(
-    body: ChatCompletionRequest, request: Request, services: ServicesDep, request_id: RequestIdDep
+class _Serving(Protocol[RequestT]):
+    async def stream(self, request: RequestT, request_id: str) -> AsyncIterator[str]: ...
+
+    async def complete(self, request: RequestT, request_id: str) -> BaseModel: ...
+
+
+async def _answer(
+    serving: _Serving[RequestT], body: RequestT, stream: bool, request: Request, request_id: str
 ) -> Response:
-    if body.stream:
-        events = await services.chat.stream(body, request_id)
+    """An SSE stream, or one JSON answer that is abandoned if the client goes away."""
+    if stream:
+        events = await serving.stream(body, request_id)
         return StreamingResponse(
             with_error_event(events), media_type="text/event-stream", headers=SSE_HEADERS
         )
     answer = await until_disconnected(
-        services.chat.complete(body, request_id), lambda: _disconnected(request)
+        serving.complete(body, request_id), lambda: _disconnected(request)
     )
     return Response(answer.model_dump_json(exclude_unset=True), media_type="application/json")
+
+
+@router.post("/chat/completions")
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, services: ServicesDep, request_id: RequestIdDep
+) -> Response:
+    return await _answer(services.chat, body, body.stream, request, request_id)
 
 
 @router.post("/completions")
 async def completions(
     body: CompletionRequest, request: Request, services: ServicesDep, request_id: RequestIdDep
 ) -> Response:
-    if body.stream:
-        events = await services.completions.stream(body, request_id)
-        return StreamingResponse(
-            with_error_event(events), media_type="text/event-stream", headers=SSE_HEADERS
-        )
-    answer = await until_disconnected(
-        services.completions.complete(body, request_id), lambda: _disconnected(request)
-    )
-    return Response(answer.model_dump_json(exclude_unset=True), media_type="application/json")
+    return await _answer(services.completions, body, body.stream, request, request_id)

@@ -47,7 +47,8 @@ def _token_logprobs(steps: list[TokenLogprob], top: int) -> list[ChatCompletionT
     ]
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> CompletionUsage:
+def usage(prompt_tokens: int, completion_tokens: int) -> CompletionUsage:
+    """OpenAI's token usage block."""
     return CompletionUsage(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
@@ -103,7 +104,7 @@ class ChatService:
             created=int(time.time()),
             model=request.model,
             choices=choices,
-            usage=_usage(result.prompt_tokens, result.completion_tokens),
+            usage=usage(result.prompt_tokens, result.completion_tokens),
         )
 
     async def stream(self, request: ChatCompletionRequest, request_id: str) -> AsyncIterator[str]:
@@ -121,10 +122,10 @@ class ChatService:
         include_usage = request.include_usage()
         top = request.top_logprobs or 0
 
-        def chunk(choices: list[ChunkChoice], usage: CompletionUsage | None = None) -> str:
+        def chunk(choices: list[ChunkChoice], tokens: CompletionUsage | None = None) -> str:
             fields: dict[str, Any] = {}
             if include_usage:
-                fields["usage"] = usage
+                fields["usage"] = tokens
             return sse_event(
                 ChatCompletionChunk(
                     id=f"chatcmpl-{request_id}",
@@ -164,5 +165,5 @@ class ChatService:
             if choices:
                 yield chunk(choices)
         if include_usage:
-            yield chunk([], _usage(prompt_tokens, completion_tokens))
+            yield chunk([], usage(prompt_tokens, completion_tokens))
         yield DONE

@@ -9,9 +9,8 @@ from typing import Any
 
 from openai.types import Completion, CompletionChoice
 from openai.types.completion_choice import Logprobs
-from openai.types.completion_usage import CompletionUsage
 
-from server.inference.chat_serving import ModelResolver
+from server.inference.chat_serving import ModelResolver, usage
 from server.inference.generation import (
     ChoiceResult,
     GenerationResult,
@@ -101,11 +100,7 @@ class CompletionService:
             created=int(time.time()),
             model=request.model,
             choices=[self._choice(request, c) for c in choices],
-            usage=CompletionUsage(
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                total_tokens=prompt_tokens + completion_tokens,
-            ),
+            usage=usage(prompt_tokens, completion_tokens),
         )
 
     async def stream(self, request: CompletionRequest, request_id: str) -> AsyncIterator[str]:
@@ -150,11 +145,6 @@ class CompletionService:
                         )
                     )
         if request.include_usage():
-            usage = CompletionUsage(
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                total_tokens=prompt_tokens + completion_tokens,
-            )
             yield sse_event(
                 Completion(
                     id=f"cmpl-{request_id}",
@@ -162,7 +152,7 @@ class CompletionService:
                     created=created,
                     model=request.model,
                     choices=[],
-                    usage=usage,
+                    usage=usage(prompt_tokens, completion_tokens),
                 )
             )
         yield DONE
