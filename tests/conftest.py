@@ -46,3 +46,14 @@ async def engine(tiny: DefaultModel) -> AsyncIterator[object]:
     started = await VllmEngine.start(engine_settings(), str(tiny.model_dir), "tiny-gemma4")
     yield started
     await started.shutdown()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print the measured agreement with transformers + PEFT (a figure the README quotes)."""
+    from tests.test_engine_correctness import REFERENCE_DIFFERENCES
+
+    if REFERENCE_DIFFERENCES:
+        terminalreporter.write_line(
+            f"reference match: {len(REFERENCE_DIFFERENCES)} cases with equal greedy tokens; "
+            f"max first-step top-5 log-prob difference {max(REFERENCE_DIFFERENCES):.1e}"
+        )

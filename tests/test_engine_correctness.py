@@ -80,11 +80,16 @@ def reference(tiny: DefaultModel, prompt: Prompt, adapter: AdapterRef | None) ->
     return Output(list(ref.token_ids), dict(ref.first_logprobs))
 
 
-def assert_logprobs_close(got: dict[int, float], want: dict[int, float]) -> None:
+# Largest first-step log-prob difference seen against the reference; printed after the run.
+REFERENCE_DIFFERENCES: list[float] = []
+
+
+def assert_logprobs_close(got: dict[int, float], want: dict[int, float]) -> float:
     top = sorted(want, key=want.__getitem__, reverse=True)[:TOP_LOGPROBS]
     assert set(top) <= set(got), f"top tokens differ: {top} vs {sorted(got)}"
     worst = max(abs(got[t] - want[t]) for t in top)
     assert worst <= LOGPROB_TOLERANCE, f"first-step log-prob difference {worst:.2e}"
+    return worst
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -99,7 +104,7 @@ async def test_engine_matches_transformers_peft(
     want = reference(tiny, prompt, adapter)
     assert len(got.token_ids) == MAX_TOKENS
     assert got.token_ids == want.token_ids
-    assert_logprobs_close(got.first_logprobs, want.first_logprobs)
+    REFERENCE_DIFFERENCES.append(assert_logprobs_close(got.first_logprobs, want.first_logprobs))
 
 
 @pytest.mark.parametrize("case", ["short-text", "image"])

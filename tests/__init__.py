@@ -1,0 +1,1 @@
+"""Tests: unit tests, and tests on the real engine through real HTTP."""
