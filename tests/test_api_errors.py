@@ -12,6 +12,7 @@ import numpy as np
 import openai
 import pytest
 import pytest_asyncio
+import soundfile
 from PIL import Image
 
 from server.default_model import DefaultModel
@@ -60,6 +61,15 @@ NOT_AUDIO = {
     "input_audio": {"data": base64.b64encode(b"noise" * 99).decode()},
 }
 LONG_TEXT = " ".join(["word"] * 4000)
+
+
+def silent_wav(seconds: float, rate: int = 8000) -> str:
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.zeros(int(seconds * rate), np.int16), rate, format="WAV")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+TOO_LONG_AUDIO = {"type": "input_audio", "input_audio": {"data": silent_wav(31), "format": "wav"}}
 RANDOM_BYTES = base64.b64encode(np.random.default_rng(0).bytes(5 * 2**20)).decode()
 
 # name: (body, expected status, expected error.type)
@@ -93,6 +103,7 @@ CASES: dict[str, tuple[Any, int, str]] = {
     ),
     "oversized image": (chat([image_part(png_of_size(512))]), 413, "RequestTooLargeError"),
     "audio that is not audio": (chat([NOT_AUDIO]), 400, "BadRequestError"),
+    "audio too long": (chat([TOO_LONG_AUDIO]), 413, "RequestTooLargeError"),
     "bad audio base64": (
         chat([{"type": "input_audio", "input_audio": {"data": "%%%"}}]),
         400,

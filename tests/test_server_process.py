@@ -58,3 +58,33 @@ async def test_sigterm_lets_in_flight_requests_finish_then_stops_everything(
     assert not [child for child in children if child.is_running() and child.status() != "zombie"]
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{base_url}/ready", timeout=2)
+
+
+async def test_ready_is_false_while_starting_and_after_the_engine_dies(
+    server_process: tuple[subprocess.Popen[bytes], str],
+) -> None:
+    process, base_url = server_process
+    seen: list[int] = []
+    async with httpx.AsyncClient(base_url=base_url, timeout=10) as http:
+        while not seen or seen[-1] != 200:
+            try:
+                seen.append((await http.get("/ready")).status_code)
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.1)
+        assert seen[0] == 503, "readiness answers 503 while the engine starts"
+        for child in psutil.Process(process.pid).children(recursive=True):
+            child.kill()  # the engine dies under the server
+        for _ in range(100):
+            if (await http.get("/ready")).status_code == 503:
+                break
+            await asyncio.sleep(0.1)
+        ready = await http.get("/ready")
+        assert ready.status_code == 503 and ready.json()["phase"] == "failed"
+        assert (await http.get("/health")).status_code == 503
+        chat = await http.post(
+            "/v1/chat/completions",
+            json={"model": "demo-attn", "messages": [{"role": "user", "content": "Hi"}]},
+        )
+    assert chat.status_code == 503
+    assert chat.json()["error"]["type"] == "ServiceUnavailableError"
