@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -67,10 +68,8 @@ async def test_ready_is_false_while_starting_and_after_the_engine_dies(
     seen: list[int] = []
     async with httpx.AsyncClient(base_url=base_url, timeout=10) as http:
         while not seen or seen[-1] != 200:
-            try:
+            with contextlib.suppress(httpx.TransportError):
                 seen.append((await http.get("/ready")).status_code)
-            except httpx.TransportError:
-                pass
             await asyncio.sleep(0.1)
         assert seen[0] == 503, "readiness answers 503 while the engine starts"
         for child in psutil.Process(process.pid).children(recursive=True):
