@@ -115,7 +115,6 @@ async def _start_services(
     app: FastAPI, settings: Settings, engine: InferenceEngine | None
 ) -> InferenceEngine | None:
     """Start the engine (unless given) and the services; returns the engine this app owns."""
-    owned = None
     if settings.model:
         model_dir = Path(settings.model)
         preload_dir = settings.preload_dir
@@ -125,10 +124,30 @@ async def _start_services(
         preload_dir = settings.preload_dir or tiny.adapters_dir
     served_name = settings.served_name(model_dir)
     base = await asyncio.to_thread(BaseModelSpec.from_model_dir, model_dir, served_name)
-    if engine is None:
-        from server.engine import VllmEngine  # vLLM is heavy: import it only when it runs
+    if engine is not None:
+        await _start_adapter_services(app, settings, engine, model_dir, preload_dir, base)
+        return None
+    from server.engine import VllmEngine  # vLLM is heavy: import it only when it runs
 
-        engine = owned = await VllmEngine.start(settings, str(model_dir), served_name)
+    owned = await VllmEngine.start(settings, str(model_dir), served_name)
+    try:
+        await _start_adapter_services(app, settings, owned, model_dir, preload_dir, base)
+    except BaseException:
+        await owned.shutdown()  # never leave engine processes behind a failed start
+        raise
+    return owned
+
+
+async def _start_adapter_services(
+    app: FastAPI,
+    settings: Settings,
+    engine: InferenceEngine,
+    model_dir: Path,
+    preload_dir: Path | None,
+    base: BaseModelSpec,
+) -> None:
+    """Registry, adapters, chat and completions on a running engine."""
+    served_name = base.served_name
     metrics: ServiceMetrics = app.state.metrics
     metrics.set_base_model(served_name)
     upload_dir = settings.state_dir / "uploads"
@@ -171,7 +190,6 @@ async def _start_services(
         completions=CompletionService(engine, adapters.acquire, metrics),
         started_at=int(time.time()),
     )
-    return owned
 
 
 def create_app(settings: Settings, engine: InferenceEngine | None = None) -> FastAPI:
