@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install run test lint unit
+.PHONY: install run test lint bench bench-short
 
 install:
 	@scripts/install
@@ -11,9 +11,17 @@ run: install
 	$(PY) -m server $(ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check server adapters tests
-	$(VENV)/bin/ruff format --check server adapters tests
+	$(VENV)/bin/ruff check server adapters tests bench
+	$(VENV)/bin/ruff format --check server adapters tests bench
 	$(VENV)/bin/mypy
 
 test: install lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Side by side with `vllm serve` and the engine alone (see BENCHMARKS.md); ~20 minutes.
+bench: install
+	$(PY) -m bench.compare $(ARGS)
+
+# Seconds-to-minutes run that checks the harness end to end (CI).
+bench-short: install
+	$(PY) -m bench.compare --short

@@ -102,7 +102,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-cpu-loras", type=int, default=8)
     parser.add_argument("--max-lora-rank", type=int, default=16)
     parser.add_argument("--startup-timeout", type=float, default=900.0)
-    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "latest.json")
+    parser.add_argument(
+        "--output", type=Path, help="JSON report (default: bench/results/latest.json or short.json)"
+    )
     args = parser.parse_args(argv)
     short = args.short
     args.repetitions = args.repetitions or (1 if short else 3)
@@ -110,6 +112,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.concurrency = args.concurrency or ([1, 8] if short else [1, 8, 32])
     args.requests = args.requests or ({1: 3, 8: 8} if short else {1: 10, 8: 40, 32: 96})
     args.registered_adapters = args.registered_adapters or (8 if short else 100)
+    results = ROOT / "bench" / "results"
+    args.output = args.output or results / ("short.json" if short else "latest.json")
     args.hot_loads = args.hot_loads if args.hot_loads is not None else (1 if short else 3)
     unknown = [m for m in args.mixes if m not in MIXES] + [
         t for t in args.targets if t not in TARGETS

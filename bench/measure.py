@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import statistics
 import threading
 import time
@@ -54,8 +55,12 @@ class RunMetrics:
     ttft_p99_ms: float | None
     itl_p50_ms: float | None
     itl_p99_ms: float | None
+    tpot_p50_ms: float | None
+    tpot_p99_ms: float | None
     peak_rss_mib: float | None
     prompt_tokens_mean: float | None
+    target_cores: float | None = None  # CPU the target used during the run
+    other_cores: float | None = None  # CPU other processes used meanwhile (noise)
     first_error: str | None = None
 
 
@@ -63,7 +68,7 @@ def summarize(
     records: list[RequestRecord],
     seconds: float,
     expected_tokens: int,
-    peak_rss_bytes: int | None,
+    window: Window | None,
 ) -> RunMetrics:
     """Throughput over the run's wall time; latencies over the requests that succeeded.
 
@@ -75,6 +80,12 @@ def summarize(
     good = [r for r in records if r.error is None]
     ttft = [r.first_token - r.started for r in good if r.first_token is not None]
     itl = [b - a for r in good for a, b in zip(r.token_times, r.token_times[1:], strict=False)]
+    # Time per output token after the first, per request: robust to events arriving in bursts.
+    tpot = [
+        (r.token_times[-1] - r.first_token) / (r.completion_tokens - 1)
+        for r in good
+        if r.first_token is not None and r.token_times and r.completion_tokens > 1
+    ]
     tokens = sum(r.completion_tokens for r in good)
     errors = [r.error for r in records if r.error is not None]
     return RunMetrics(
@@ -87,10 +98,14 @@ def summarize(
         ttft_p99_ms=_ms(percentile(ttft, 99)),
         itl_p50_ms=_ms(percentile(itl, 50)),
         itl_p99_ms=_ms(percentile(itl, 99)),
-        peak_rss_mib=None if peak_rss_bytes is None else round(peak_rss_bytes / 2**20, 1),
+        tpot_p50_ms=_ms(percentile(tpot, 50)),
+        tpot_p99_ms=_ms(percentile(tpot, 99)),
+        peak_rss_mib=None if window is None else round(window.peak_rss_bytes / 2**20, 1),
         prompt_tokens_mean=round(statistics.fmean(r.prompt_tokens for r in good), 1)
         if good
         else None,
+        target_cores=None if window is None else window.target_cores,
+        other_cores=None if window is None else window.other_cores,
         first_error=errors[0] if errors else None,
     )
 
@@ -106,17 +121,48 @@ def tree_rss(root: psutil.Process) -> int:
     return total
 
 
+def _tree_cpu_seconds(root: psutil.Process) -> float:
+    total = 0.0
+    with contextlib.suppress(psutil.NoSuchProcess):
+        for process in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                times = process.cpu_times()
+                total += times.user + times.system
+    return total
+
+
+def _busy_cpu_seconds() -> float:
+    times = psutil.cpu_times()
+    return float(sum(times) - times.idle - getattr(times, "iowait", 0.0))
+
+
+@dataclass(frozen=True)
+class Window:
+    """What the machine did during one run."""
+
+    peak_rss_bytes: int
+    target_cores: float  # CPU used by the target's process tree, in cores
+    other_cores: float  # CPU used by everything else but this harness: the noise
+
+
 class RssSampler:
-    """Samples a process tree's RSS in a thread; `window()` gives the peak since the last call."""
+    """Samples a process tree's RSS in a thread; `window()` sums up the time since its last call.
+
+    Also accounts CPU: the tree's, and that of every other process on the machine (other
+    people's jobs on a shared machine), which is the benchmark's main source of noise.
+    """
 
     def __init__(self, pid: int, interval: float = 0.2) -> None:
         self._root = psutil.Process(pid)
+        self._own = psutil.Process()
+        self._own_in_tree = pid == os.getpid()
         self._interval = interval
         self._lock = threading.Lock()
         self._window_peak = 0
         self.peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+        self._mark = self._cpu_mark()
 
     def __enter__(self) -> RssSampler:
         self._thread.start()
@@ -137,12 +183,23 @@ class RssSampler:
             self._sample()
             self._stop.wait(self._interval)
 
-    def window(self) -> int:
-        """Peak bytes since the previous call (sampling once more now)."""
+    def _cpu_mark(self) -> tuple[float, float, float, float]:
+        own = 0.0
+        if not self._own_in_tree:
+            times = self._own.cpu_times()
+            own = times.user + times.system
+        return time.perf_counter(), _busy_cpu_seconds(), _tree_cpu_seconds(self._root), own
+
+    def window(self) -> Window:
+        """Peak RSS and CPU use since the previous call (sampling once more now)."""
         self._sample()
         with self._lock:
             peak, self._window_peak = self._window_peak, 0
-        return peak
+        mark = self._cpu_mark()
+        wall, busy, tree, own = (b - a for a, b in zip(self._mark, mark, strict=True))
+        self._mark = mark
+        wall = max(wall, 1e-9)
+        return Window(peak, round(tree / wall, 2), round(max(0.0, busy - tree - own) / wall, 2))
 
 
 def now() -> float:

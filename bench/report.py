@@ -64,7 +64,7 @@ def aggregate(rounds: dict[str, list[RoundResult]], cells: list[Cell]) -> dict[s
             ratios[f"tokens_per_s_{SERVICE}_over_{other}_range"] = (
                 [round(min(paired), 3), round(max(paired), 3)] if paired else None
             )
-            for metric in ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"):
+            for metric in ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "itl_p50_ms", "itl_p99_ms"):
                 ratios[f"{metric}_{SERVICE}_over_{other}"] = _ratio(service[metric], theirs[metric])
             ratios[f"peak_rss_{SERVICE}_over_{other}"] = _ratio(
                 service["peak_rss_mib"], theirs["peak_rss_mib"]
@@ -154,11 +154,13 @@ def _triple(entry: dict[str, Any], metric: str, digits: int = 1) -> str:
 def tables(summary: dict[str, Any], cells: list[Cell], checks: list[dict[str, Any]]) -> str:
     """Markdown tables: throughput and ratios, latencies and memory, hot loads, targets."""
     lines = [
-        "Throughput (medians over repetitions; ratio range = min-max of per-repetition ratios)",
+        "Throughput (medians over repetitions; ratio range = min-max of per-repetition ratios; "
+        "other CPU = cores busy with other processes on the machine during the run)",
         "",
         "| cell | service tok/s | vllm tok/s | engine tok/s | service/vllm (range) "
-        "| service/engine | req/s service / vllm / engine | errors s/v/e |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| service/engine | req/s service / vllm / engine | errors s/v/e "
+        "| other CPU, cores s/v/e |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for cell in cells:
         entry = summary["cells"][cell.key]
@@ -173,20 +175,22 @@ def tables(summary: dict[str, Any], cells: list[Cell], checks: list[dict[str, An
             f"| {_fmt(entry.get(ENGINE, {}).get('output_tokens_per_s'))} "
             f"| {_fmt(ratios.get(f'tokens_per_s_{SERVICE}_over_{VLLM}'), 2)}{spread_text} "
             f"| {_fmt(ratios.get(f'tokens_per_s_{SERVICE}_over_{ENGINE}'), 2)} "
-            f"| {_triple(entry, 'requests_per_s', 2)} | {errors} |"
+            f"| {_triple(entry, 'requests_per_s', 2)} | {errors} "
+            f"| {_triple(entry, 'other_cores', 2)} |"
         )
     lines += [
         "",
         "Latency in ms and peak RSS in MiB of the process tree during the run "
         "(each cell: service / vllm / engine)",
         "",
-        "| cell | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | peak RSS |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| cell | TTFT p50 | TTFT p99 | TPOT p50 | ITL p50 | ITL p99 | peak RSS |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for cell in cells:
         entry = summary["cells"][cell.key]
         lines.append(
             f"| {cell.key} | {_triple(entry, 'ttft_p50_ms')} | {_triple(entry, 'ttft_p99_ms')} "
+            f"| {_triple(entry, 'tpot_p50_ms')} "
             f"| {_triple(entry, 'itl_p50_ms')} | {_triple(entry, 'itl_p99_ms')} "
             f"| {_triple(entry, 'peak_rss_mib', 0)} |"
         )

@@ -119,13 +119,14 @@ async def run_round(
     workload = plan.workload
     registered = len(plan.registered)
     served = plan.engine.served_name
-    mixes = {cell.mix for cell in plan.cells}
-    # First requests pay for lazy initialisation (media processor, adapter loads): not measured.
-    for mix_name in sorted(mixes):
+    # First requests pay for lazy initialisation (media processor, adapter loads, first batches
+    # of each size): a full batch of every mix at the highest concurrency, not measured.
+    widest = max(cell.concurrency for cell in plan.cells)
+    for mix_name in dict.fromkeys(cell.mix for cell in plan.cells):
         mix = MIXES[mix_name]
-        count = max(workload.warmup_requests, 5 if mix.image_share else 0)
+        count = max(widest, workload.warmup_requests)
         warm = cell_requests(factory, workload, served, mix, count, registered, "warm-up")
-        await driver.run(warm, workload.warmup_requests)
+        await driver.run(warm, widest)
     for cell in plan.cells:
         mix = MIXES[cell.mix]
         warm_count = min(cell.concurrency, workload.warmup_requests)

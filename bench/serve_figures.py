@@ -59,8 +59,8 @@ async def measure(base_url: str, requests: int, max_tokens: int) -> dict[str, fl
     async def ask(model: str) -> int:
         reply = await client.chat.completions.create(
             model=model,
-            messages=PROMPT,
-            max_tokens=max_tokens,  # type: ignore[arg-type]
+            messages=PROMPT,  # type: ignore[arg-type]
+            max_tokens=max_tokens,
             extra_body={"ignore_eos": True},
         )
         return reply.usage.completion_tokens if reply.usage else 0

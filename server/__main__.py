@@ -63,6 +63,7 @@ def main() -> None:
         port=settings.port,
         workers=1,
         log_config=None,
+        access_log=False,  # server.access logs each request, with its id and duration
         timeout_graceful_shutdown=int(settings.drain_timeout_seconds),
     )
     DrainingServer(config, app.state.lifecycle).run()

@@ -1,4 +1,8 @@
-"""FastAPI dependencies, as `Annotated` aliases the routes declare."""
+"""FastAPI dependencies, as `Annotated` aliases the routes declare.
+
+All are `async def`: FastAPI runs a plain `def` dependency in a worker thread, a hop per
+dependency per request for functions that never block.
+"""
 
 from __future__ import annotations
 
@@ -13,17 +17,17 @@ from server.services import Services
 from server.settings import Settings
 
 
-def _settings(request: Request) -> Settings:
+async def _settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def _lifecycle(request: Request) -> ServiceLifecycle:
+async def _lifecycle(request: Request) -> ServiceLifecycle:
     lifecycle: ServiceLifecycle = request.app.state.lifecycle
     return lifecycle
 
 
-def _services(request: Request) -> Services:
+async def _services(request: Request) -> Services:
     """The running services; 503 while starting, draining or after the engine died."""
     lifecycle: ServiceLifecycle = request.app.state.lifecycle
     services: Services | None = request.app.state.services
@@ -32,12 +36,12 @@ def _services(request: Request) -> Services:
     return services
 
 
-def _request_id(request: Request) -> str:
+async def _request_id(request: Request) -> str:
     request_id: str = request.state.request_id
     return request_id
 
 
-def require_inference_key(
+async def require_inference_key(
     request: Request, authorization: Annotated[str | None, Header()] = None
 ) -> None:
     """Dependency of every /v1 inference route."""
@@ -45,7 +49,7 @@ def require_inference_key(
     check_inference_key(authorization, settings.api_keys, settings.admin_keys)
 
 
-def require_admin_key(
+async def require_admin_key(
     request: Request, authorization: Annotated[str | None, Header()] = None
 ) -> None:
     """Dependency of every admin route."""

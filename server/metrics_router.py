@@ -20,7 +20,7 @@ async def metrics(
     request: Request, authorization: Annotated[str | None, Header()] = None
 ) -> Response:
     if request.app.state.settings.metrics_need_admin_key:
-        require_admin_key(request, authorization)
+        await require_admin_key(request, authorization)
     service_metrics: ServiceMetrics = request.app.state.metrics
     services: Services | None = request.app.state.services
     if services is not None:
