@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 from collections.abc import Iterator
 from types import FrameType
 
@@ -66,7 +67,20 @@ def main() -> None:
         access_log=False,  # server.access logs each request, with its id and duration
         timeout_graceful_shutdown=int(settings.drain_timeout_seconds),
     )
-    DrainingServer(config, app.state.lifecycle).run()
+    lifecycle: ServiceLifecycle = app.state.lifecycle
+    server = DrainingServer(config, lifecycle)
+    failures: list[str] = []
+
+    def stop_on_failure(reason: str) -> None:
+        # Exit, so Docker or Kubernetes restarts the service instead of leaving it unready.
+        logging.getLogger(__name__).error("stopping: %s", reason)
+        failures.append(reason)
+        server.should_exit = True
+
+    lifecycle.on_failure(stop_on_failure)
+    server.run()
+    if failures:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from server.inference import api_router as inference_router
 from server.inference.chat_serving import ChatService
 from server.inference.completion_serving import CompletionService
 from server.inference.prompt import ChatRenderer
-from server.inference_engine import InferenceEngine
+from server.inference_engine import EngineDeadError, InferenceEngine
 from server.lifecycle import Phase, ServiceLifecycle
 from server.media import MediaLimits
 from server.metrics import ServiceMetrics
@@ -47,6 +47,8 @@ from server.services import Services
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+ENGINE_CHECK_SECONDS = 2.0
 
 _ADAPTER_ERRORS: dict[type[AdapterError], type[ServiceError]] = {
     AdapterNotFound: NotFound,
@@ -215,11 +217,25 @@ def create_app(settings: Settings, engine: InferenceEngine | None = None) -> Fas
                 logger.exception("start-up failed")
                 lifecycle.fail(f"start-up failed: {type(exc).__name__}")
 
+        async def watch_engine() -> None:
+            # A dead engine is noticed within seconds even when no request or probe comes.
+            while lifecycle.phase is not Phase.FAILED:
+                await asyncio.sleep(ENGINE_CHECK_SECONDS)
+                services: Services | None = app.state.services
+                if lifecycle.phase is Phase.READY and services is not None:
+                    try:
+                        await services.engine.check_health()
+                    except EngineDeadError:
+                        lifecycle.fail("the inference engine stopped")
+
         starting = asyncio.create_task(start())
+        watching = asyncio.create_task(watch_engine())
         try:
             yield
         finally:
-            lifecycle.phase = Phase.STOPPED
+            watching.cancel()
+            if lifecycle.phase is not Phase.FAILED:
+                lifecycle.phase = Phase.STOPPED
             await starting  # an engine half-started must still be stopped, not orphaned
             if app.state.services is not None:
                 await app.state.services.adapters.shutdown()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import StrEnum
 
 
@@ -19,10 +20,19 @@ class ServiceLifecycle:
     def __init__(self) -> None:
         self.phase = Phase.STARTING
         self.failure: str | None = None
+        self._on_failure: list[Callable[[str], None]] = []
+
+    def on_failure(self, listener: Callable[[str], None]) -> None:
+        """Call `listener` once the service fails (the CLI exits, so orchestrators restart it)."""
+        self._on_failure.append(listener)
 
     def fail(self, reason: str) -> None:
+        if self.phase is Phase.FAILED:
+            return
         self.phase = Phase.FAILED
         self.failure = reason
+        for listener in self._on_failure:
+            listener(reason)
 
     def drain(self) -> None:
         if self.phase in (Phase.STARTING, Phase.READY):

@@ -61,7 +61,7 @@ async def test_sigterm_lets_in_flight_requests_finish_then_stops_everything(
         httpx.get(f"{base_url}/ready", timeout=2)
 
 
-async def test_ready_is_false_while_starting_and_after_the_engine_dies(
+async def test_ready_is_false_while_starting_and_the_server_exits_when_the_engine_dies(
     server_process: tuple[subprocess.Popen[bytes], str],
 ) -> None:
     process, base_url = server_process
@@ -74,16 +74,15 @@ async def test_ready_is_false_while_starting_and_after_the_engine_dies(
         assert seen[0] == 503, "readiness answers 503 while the engine starts"
         for child in psutil.Process(process.pid).children(recursive=True):
             child.kill()  # the engine dies under the server
-        for _ in range(100):
-            if (await http.get("/ready")).status_code == 503:
-                break
+        answers: list[int] = []
+        while process.poll() is None and len(answers) < 300:
+            with contextlib.suppress(httpx.TransportError):
+                chat = await http.post(
+                    "/v1/chat/completions",
+                    json={"model": "demo-attn", "messages": [{"role": "user", "content": "Hi"}]},
+                )
+                answers.append(chat.status_code)
             await asyncio.sleep(0.1)
-        ready = await http.get("/ready")
-        assert ready.status_code == 503 and ready.json()["phase"] == "failed"
-        assert (await http.get("/health")).status_code == 503
-        chat = await http.post(
-            "/v1/chat/completions",
-            json={"model": "demo-attn", "messages": [{"role": "user", "content": "Hi"}]},
-        )
-    assert chat.status_code == 503
-    assert chat.json()["error"]["type"] == "ServiceUnavailableError"
+    # The watchdog notices within seconds; the server answers 503, then exits for a restart.
+    assert process.wait(60) == 1
+    assert 200 not in answers[3:], answers
