@@ -147,10 +147,17 @@ async def test_completions_stream_and_whole_agree(api: LiveServer) -> None:
     )
     assert [c.index for c in whole.choices] == [0, 1]
     stream = await client.completions.create(
-        model="demo-mlp", prompt="Once upon a time", max_tokens=8, temperature=0, stream=True
+        model="demo-mlp",
+        prompt="Once upon a time",
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
     )
-    text = "".join([chunk.choices[0].text async for chunk in stream if chunk.choices])
+    chunks = [chunk async for chunk in stream]
+    text = "".join(chunk.choices[0].text for chunk in chunks if chunk.choices)
     assert text == whole.choices[0].text
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 8
     assert whole.usage is not None and whole.usage.completion_tokens == 16
 
 

@@ -112,6 +112,19 @@ class CompletionService:
         self, request: CompletionRequest, request_id: str, streams: list[AsyncIterator[Any]]
     ) -> AsyncIterator[str]:
         created = int(time.time())
+
+        def event(choices: list[CompletionChoice], **fields: Any) -> str:
+            return sse_event(
+                Completion(
+                    id=f"cmpl-{request_id}",
+                    object="text_completion",
+                    created=created,
+                    model=request.model,
+                    choices=choices,
+                    **fields,
+                )
+            )
+
         prompt_tokens = completion_tokens = 0
         for i, stream in enumerate(streams):
             async for output in stream:
@@ -135,24 +148,7 @@ class CompletionService:
                         )
                     )
                 if choices:
-                    yield sse_event(
-                        Completion(
-                            id=f"cmpl-{request_id}",
-                            object="text_completion",
-                            created=created,
-                            model=request.model,
-                            choices=choices,
-                        )
-                    )
+                    yield event(choices)
         if request.include_usage():
-            yield sse_event(
-                Completion(
-                    id=f"cmpl-{request_id}",
-                    object="text_completion",
-                    created=created,
-                    model=request.model,
-                    choices=[],
-                    usage=usage(prompt_tokens, completion_tokens),
-                )
-            )
+            yield event([], usage=usage(prompt_tokens, completion_tokens))
         yield DONE
