@@ -46,12 +46,9 @@ def base_env() -> dict[str, str]:
     return env
 
 
-def service_command(
-    engine: EngineConfig, adapters: BenchAdapters, port: int, state_dir: Path
-) -> list[str]:
-    """`python -m server` with the bench's engine settings and adapters."""
+def engine_flags(engine: EngineConfig) -> list[str]:
+    """The engine settings, under the flag names both servers share."""
     return [
-        sys.executable, "-m", "server",
         "--model", engine.model_dir,
         "--served-model-name", engine.served_name,
         "--dtype", engine.dtype,
@@ -62,6 +59,16 @@ def service_command(
         "--max-cpu-loras", str(engine.max_cpu_loras),
         "--max-lora-rank", str(engine.max_lora_rank),
         "--kv-cache-memory-bytes", str(engine.kv_cache_memory_bytes),
+    ]  # fmt: skip
+
+
+def service_command(
+    engine: EngineConfig, adapters: BenchAdapters, port: int, state_dir: Path
+) -> list[str]:
+    """`python -m server` with the bench's engine settings and adapters."""
+    return [
+        sys.executable, "-m", "server",
+        *engine_flags(engine),
         "--max-images-per-prompt", str(engine.max_images_per_prompt),
         "--max-audios-per-prompt", str(engine.max_audios_per_prompt),
         "--preload-dir", str(adapters.registered_dir),
@@ -83,17 +90,8 @@ def vllm_command(engine: EngineConfig, adapters: BenchAdapters, port: int) -> li
     structured = {"backend": "xgrammar", "disable_any_whitespace": True}
     return [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", engine.model_dir,
-        "--served-model-name", engine.served_name,
-        "--dtype", engine.dtype,
-        "--max-model-len", str(engine.max_model_len),
-        "--max-num-seqs", str(engine.max_num_seqs),
-        "--seed", str(engine.seed),
+        *engine_flags(engine),
         "--enable-lora",
-        "--max-loras", str(engine.max_loras),
-        "--max-cpu-loras", str(engine.max_cpu_loras),
-        "--max-lora-rank", str(engine.max_lora_rank),
-        "--kv-cache-memory-bytes", str(engine.kv_cache_memory_bytes),
         "--limit-mm-per-prompt", json.dumps(limits),
         "--structured-outputs-config", json.dumps(structured),
         "--lora-modules", *(f"{name}={path}" for name, path in adapters.registered.items()),
