@@ -90,8 +90,8 @@ FROM deps AS default-model
 ENV HF_HUB_OFFLINE=1
 # Only the modules that build them, so other code changes keep this layer. PEFT (a dev
 # dependency) writes the demo adapters; it stays out of the runtime image.
-COPY server/__init__.py server/default_model.py server/tiny_model.py ./server/
-COPY adapters/__init__.py adapters/demo.py ./adapters/
+COPY server/__init__.py ./server/
+COPY server/testbed/ ./server/testbed/
 RUN --mount=type=secret,id=ca,target=/run/secrets/ca \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi; \
     python -c 'import tomllib; \
@@ -99,7 +99,7 @@ RUN --mount=type=secret,id=ca,target=/run/secrets/ca \
         print(*(pin for pin in extras["dev"] if pin.startswith("peft")))' > /tmp/requirements.txt; \
     pip install --requirement /tmp/requirements.txt; \
     python -c 'import logging, pathlib; \
-        from server.default_model import ensure_default_model; \
+        from server.testbed.default_model import ensure_default_model; \
         logging.basicConfig(level=logging.INFO); \
         ensure_default_model(pathlib.Path("/opt/gemma-adapter-server/cache"))'; \
     chmod -R a+rX /opt/gemma-adapter-server/cache

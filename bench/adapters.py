@@ -51,7 +51,7 @@ def ensure_bench_adapters(
     wanted |= {hot_dir / name: HOT_SEED_OFFSET + i for i, name in enumerate(hot_adapter_names(hot))}
     missing = {folder: seed for folder, seed in wanted.items() if not _complete(folder)}
     if missing:
-        from adapters.demo import DEMO_ADAPTERS, load_base_model, write_demo_adapter
+        from server.testbed.demo_adapters import DEMO_ADAPTERS, load_base_model, write_demo_adapter
 
         logger.info("writing %d bench adapters under %s", len(missing), root)
         base = load_base_model(model_dir)

@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model:
         model_dir = args.model.resolve()
     else:
-        from server.default_model import ensure_default_model
+        from server.testbed.default_model import ensure_default_model
 
         model_dir = ensure_default_model(args.cache_dir).model_dir
     served = args.served_model_name or model_dir.name

@@ -30,7 +30,7 @@ class EngineDriver:
     """Requests straight into the engine, with the same closed-loop concurrency as the client."""
 
     def __init__(self, engine: object, plan: Plan, factory: PromptFactory) -> None:
-        from server.inference_engine import Sampling
+        from server.engine.protocol import Sampling
 
         self._engine = engine
         self._factory = factory
@@ -44,7 +44,7 @@ class EngineDriver:
         )
 
     async def register(self, name: str, path: str) -> None:
-        from server.inference_engine import AdapterRef
+        from server.engine.protocol import AdapterRef
 
         ref = AdapterRef(name=name, int_id=next(self._ids), path=path)
         await self._engine.add_adapter(ref)  # type: ignore[attr-defined]
@@ -53,7 +53,7 @@ class EngineDriver:
     def _prepare(self, request: BenchRequest) -> tuple[object, object]:
         from PIL import Image
 
-        from server.inference_engine import Prompt
+        from server.engine.protocol import Prompt
 
         with_image = request.image_png is not None
         images = []
@@ -116,7 +116,7 @@ class EngineDriver:
 
 
 async def _main(plan: Plan, out: Path) -> None:
-    from server.engine import VllmEngine
+    from server.engine.vllm_engine import VllmEngine
     from server.settings import Settings
 
     engine_config = plan.engine

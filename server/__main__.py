@@ -13,8 +13,8 @@ from types import FrameType
 import uvicorn
 
 from server.app import create_app
+from server.http.request_context import RequestIdLogFilter
 from server.lifecycle import ServiceLifecycle
-from server.request_context import RequestIdLogFilter
 from server.settings import Settings
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)

@@ -20,11 +20,11 @@ from adapters.persistence import RegistryStore
 from adapters.registry import AdapterRegistry
 from adapters.sources import remove_partial_uploads, scan_preload_dir
 from adapters.validation import ValidationLimits
-from server import health_router, metrics_router, models_router
-from server.adapter_service import AdapterService, AdapterSources
 from server.admin import api_router as admin_router
-from server.default_model import ensure_default_model
-from server.errors import (
+from server.admin.adapter_service import AdapterService, AdapterSources
+from server.engine.protocol import EngineDeadError, InferenceEngine
+from server.http import health_router, metrics_router, models_router
+from server.http.errors import (
     BadRequest,
     Conflict,
     NotFound,
@@ -34,17 +34,17 @@ from server.errors import (
     error_body,
     unexpected_error_body,
 )
+from server.http.request_context import BodyTooLarge, RequestContextMiddleware
 from server.inference import api_router as inference_router
 from server.inference.chat_serving import ChatService
 from server.inference.completion_serving import CompletionService
+from server.inference.media import MediaLimits
 from server.inference.prompt import ChatRenderer
-from server.inference_engine import EngineDeadError, InferenceEngine
 from server.lifecycle import Phase, ServiceLifecycle
-from server.media import MediaLimits
 from server.metrics import ServiceMetrics
-from server.request_context import BodyTooLarge, RequestContextMiddleware
 from server.services import Services
 from server.settings import Settings
+from server.testbed.default_model import ensure_default_model
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ async def _start_services(
     if engine is not None:
         await _start_adapter_services(app, settings, engine, model_dir, preload_dir, base)
         return None
-    from server.engine import VllmEngine  # vLLM is heavy: import it only when it runs
+    from server.engine.vllm_engine import VllmEngine  # vLLM is heavy: import it only when it runs
 
     owned = await VllmEngine.start(settings, str(model_dir), served_name)
     try:

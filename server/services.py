@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server.adapter_service import AdapterService
+from server.admin.adapter_service import AdapterService
+from server.engine.protocol import InferenceEngine
 from server.inference.chat_serving import ChatService
 from server.inference.completion_serving import CompletionService
-from server.inference_engine import InferenceEngine
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 
-from server.default_model import DefaultModel, ensure_default_model
 from server.settings import Settings
+from server.testbed.default_model import DefaultModel, ensure_default_model
 from server.vllm_compat import register
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -41,7 +41,7 @@ def engine_settings(**overrides: object) -> Settings:
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def engine(tiny: DefaultModel) -> AsyncIterator[object]:
     """The real vLLM engine on the tiny model, shared by the whole session."""
-    from server.engine import VllmEngine
+    from server.engine.vllm_engine import VllmEngine
 
     started = await VllmEngine.start(engine_settings(), str(tiny.model_dir), "tiny-gemma4")
     yield started

@@ -19,7 +19,7 @@ from fastapi import FastAPI
 
 from adapters.persistence import REGISTRY_FILE, RegistryStore
 from server.app import create_app
-from server.inference_engine import InferenceEngine
+from server.engine.protocol import InferenceEngine
 from server.settings import Settings
 
 

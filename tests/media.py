@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from server.inference_engine import AUDIO_SAMPLE_RATE
+from server.engine.protocol import AUDIO_SAMPLE_RATE
 
 
 def seeded_image(seed: int = 0, size: int = 64) -> Image.Image:

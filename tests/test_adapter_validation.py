@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from adapters.base_model import BaseModelSpec, ModuleGroup, module_group
 from adapters.errors import AdapterError, AdapterNotFound, AdapterTooLarge, InvalidAdapter
 from adapters.validation import AdapterManifest, ValidationLimits, validate_adapter
-from server.default_model import DefaultModel
+from server.testbed.default_model import DefaultModel
 
 SERVED_NAME = "tiny-gemma4"
 LIMITS = ValidationLimits(max_rank=16, max_adapter_bytes=10 * 2**20)

@@ -17,9 +17,9 @@ import pytest
 import pytest_asyncio
 from safetensors.torch import load_file, save_file
 
-from adapters.demo import DEMO_ADAPTERS, write_demo_adapter
-from server.default_model import DefaultModel
-from server.engine import VllmEngine
+from server.engine.vllm_engine import VllmEngine
+from server.testbed.default_model import DefaultModel
+from server.testbed.demo_adapters import DEMO_ADAPTERS, write_demo_adapter
 from tests.conftest import engine_settings
 from tests.live_server import LiveServer, live_server
 from tests.test_api_errors import assert_envelope

@@ -15,8 +15,8 @@ import pytest_asyncio
 import soundfile
 from PIL import Image
 
-from server.default_model import DefaultModel
-from server.engine import VllmEngine
+from server.engine.vllm_engine import VllmEngine
+from server.testbed.default_model import DefaultModel
 from tests.conftest import engine_settings
 from tests.live_server import LiveServer, live_server
 from tests.test_api_openai import BASE, png_data_url

@@ -15,9 +15,9 @@ import pytest
 import pytest_asyncio
 import soundfile
 
-from server.default_model import DefaultModel
-from server.engine import VllmEngine
-from server.inference_engine import Prompt, Sampling
+from server.engine.protocol import Prompt, Sampling
+from server.engine.vllm_engine import VllmEngine
+from server.testbed.default_model import DefaultModel
 from tests.conftest import engine_settings
 from tests.image_host import image_host
 from tests.live_server import LiveServer, live_server

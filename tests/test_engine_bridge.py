@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from server.default_model import DefaultModel
-from server.engine import VllmEngine
-from server.inference_engine import AdapterRef, EngineError, Prompt, Sampling
+from server.engine.protocol import AdapterRef, EngineError, Prompt, Sampling
+from server.engine.vllm_engine import VllmEngine
+from server.testbed.default_model import DefaultModel
 from tests.test_engine_correctness import render, run
 
 # Ids far from those other tests use, so the shared engine's state does not interfere.

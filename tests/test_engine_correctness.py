@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import pytest
 from transformers import AutoProcessor
 
-from server.default_model import DefaultModel
-from server.engine import VllmEngine
-from server.inference_engine import AdapterRef, Prompt, Sampling
+from server.engine.protocol import AdapterRef, Prompt, Sampling
+from server.engine.vllm_engine import VllmEngine
+from server.testbed.default_model import DefaultModel
 from tests.conftest import engine_settings
 from tests.hf_reference import hf_greedy
 from tests.media import seeded_audio, seeded_image

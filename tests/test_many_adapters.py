@@ -11,9 +11,9 @@ import openai
 import pytest
 import pytest_asyncio
 
-from adapters.demo import DEMO_ADAPTERS, load_base_model, write_demo_adapter
-from server.default_model import DefaultModel
-from server.engine import VllmEngine
+from server.engine.vllm_engine import VllmEngine
+from server.testbed.default_model import DefaultModel
+from server.testbed.demo_adapters import DEMO_ADAPTERS, load_base_model, write_demo_adapter
 from tests.conftest import engine_settings
 from tests.live_server import LiveServer, live_server
 from tests.test_metrics import scrape, value

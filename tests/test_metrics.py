@@ -10,8 +10,8 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.default_model import DefaultModel
-from server.engine import VllmEngine
+from server.engine.vllm_engine import VllmEngine
+from server.testbed.default_model import DefaultModel
 from tests.conftest import engine_settings
 from tests.live_server import LiveServer, live_server
 

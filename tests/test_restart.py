@@ -8,8 +8,8 @@ from pathlib import Path
 import httpx
 import openai
 
-from adapters.demo import DEMO_ADAPTERS, write_demo_adapter
-from server.default_model import DefaultModel
+from server.testbed.default_model import DefaultModel
+from server.testbed.demo_adapters import DEMO_ADAPTERS, write_demo_adapter
 from tests.live_server import free_port, kill_tree, server_command, wait_ready
 
 ADMIN = "restart-admin-key"

@@ -13,7 +13,7 @@ import httpx
 import psutil
 import pytest
 
-from server.default_model import DefaultModel
+from server.testbed.default_model import DefaultModel
 from tests.live_server import free_port, kill_tree, server_command, wait_ready
 
 

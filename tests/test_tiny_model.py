@@ -18,9 +18,9 @@ import torch
 from safetensors import safe_open
 from transformers import AutoProcessor, Gemma4ForConditionalGeneration
 
-from adapters.demo import DEMO_ADAPTERS, write_demo_adapters
-from server.default_model import DefaultModel
-from server.tiny_model import build_tiny_model, main
+from server.testbed.default_model import DefaultModel
+from server.testbed.demo_adapters import DEMO_ADAPTERS, write_demo_adapters
+from server.testbed.tiny_model import build_tiny_model, main
 from server.vllm_compat import gemma4_processor
 from tests.hf_reference import hf_greedy
 from tests.media import seeded_audio, seeded_image

@@ -1,4 +1,4 @@
-"""HTTP routes of the admin API; every route needs an admin key (see `server.auth`)."""
+"""HTTP routes of the admin API; every route needs an admin key (see `server.http.auth`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from adapters.sources import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from server.adapter_service import AdapterService, LoadRequest, Upload
+from server.admin.adapter_service import AdapterService, LoadRequest, Upload
 from server.admin.protocol import (
     AdapterCreate,
     AdapterList,
@@ -18,8 +18,8 @@ from server.admin.protocol import (
     VllmLoadLoraAdapter,
     VllmUnloadLoraAdapter,
 )
-from server.deps import ServicesDep, require_admin_key
-from server.errors import BadRequest
+from server.http.deps import ServicesDep, require_admin_key
+from server.http.errors import BadRequest
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_admin_key)])
 

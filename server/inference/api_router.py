@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
-from server.deps import RequestIdDep, ServicesDep, require_inference_key
+from server.http.deps import RequestIdDep, ServicesDep, require_inference_key
 from server.inference.generation import until_disconnected
 from server.inference.protocol import ChatCompletionRequest, CompletionRequest
 from server.inference.sse import with_error_event

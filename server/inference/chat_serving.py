@@ -14,8 +14,9 @@ from openai.types.chat.chat_completion_chunk import ChoiceLogprobs as ChunkLogpr
 from openai.types.chat.chat_completion_token_logprob import ChatCompletionTokenLogprob, TopLogprob
 from openai.types.completion_usage import CompletionUsage
 
-from server.adapter_service import AdapterLease
-from server.errors import BadRequest
+from server.admin.adapter_service import AdapterLease
+from server.engine.protocol import GenerationChunk, InferenceEngine, TokenLogprob
+from server.http.errors import BadRequest
 from server.inference.generation import (
     GenerationResult,
     collect,
@@ -26,7 +27,6 @@ from server.inference.generation import (
 from server.inference.prompt import ChatRenderer
 from server.inference.protocol import ChatCompletionRequest
 from server.inference.sse import DONE, sse_event
-from server.inference_engine import GenerationChunk, InferenceEngine, TokenLogprob
 from server.metrics import ServiceMetrics
 
 ModelResolver = Callable[[str], AdapterLease]  # the adapter a request's `model` names

@@ -10,6 +10,7 @@ from typing import Any
 from openai.types import Completion, CompletionChoice
 from openai.types.completion_choice import Logprobs
 
+from server.engine.protocol import GenerationChunk, InferenceEngine, Prompt, TokenLogprob
 from server.inference.chat_serving import ModelResolver, usage
 from server.inference.generation import (
     ChoiceResult,
@@ -21,7 +22,6 @@ from server.inference.generation import (
 )
 from server.inference.protocol import CompletionRequest
 from server.inference.sse import DONE, sse_event
-from server.inference_engine import GenerationChunk, InferenceEngine, Prompt, TokenLogprob
 from server.metrics import ServiceMetrics
 
 

@@ -11,10 +11,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from server.adapter_service import AdapterLease
-from server.errors import BadRequest, ServiceError, ServiceUnavailable
-from server.inference.protocol import SamplingRequest
-from server.inference_engine import (
+from server.admin.adapter_service import AdapterLease
+from server.engine.protocol import (
     EngineDeadError,
     EngineError,
     GenerationChunk,
@@ -23,6 +21,8 @@ from server.inference_engine import (
     Sampling,
     TokenLogprob,
 )
+from server.http.errors import BadRequest, ServiceError, ServiceUnavailable
+from server.inference.protocol import SamplingRequest
 from server.metrics import RequestTracker
 
 logger = logging.getLogger(__name__)

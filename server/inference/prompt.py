@@ -7,10 +7,10 @@ from typing import Any
 
 from transformers import AutoTokenizer
 
-from server.errors import BadRequest
+from server.engine.protocol import Prompt
+from server.http.errors import BadRequest
+from server.inference.media import MediaLimits, decode_audio, load_image
 from server.inference.protocol import AudioPart, ChatMessage, ImagePart, TextPart
-from server.inference_engine import Prompt
-from server.media import MediaLimits, decode_audio, load_image
 
 # OpenAI's `developer` role is the system prompt of newer models.
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}

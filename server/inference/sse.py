@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 from pydantic import BaseModel
 
-from server.errors import ServiceError, envelope, unexpected_error_body
+from server.http.errors import ServiceError, envelope, unexpected_error_body
 
 logger = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
-from server.auth import check_admin_key, check_inference_key
-from server.errors import ServiceUnavailable
+from server.http.auth import check_admin_key, check_inference_key
+from server.http.errors import ServiceUnavailable
 from server.lifecycle import Phase, ServiceLifecycle
 from server.services import Services
 from server.settings import Settings

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hmac
 
-from server.errors import Forbidden, Unauthorized
+from server.http.errors import Forbidden, Unauthorized
 
 
 def bearer_token(authorization: str | None) -> str | None:

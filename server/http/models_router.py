@@ -8,9 +8,9 @@ from fastapi import APIRouter, Depends
 from openai.types import Model
 from pydantic import BaseModel
 
-from server.adapter_service import AdapterService
-from server.deps import ServicesDep, require_inference_key
-from server.errors import NotFound
+from server.admin.adapter_service import AdapterService
+from server.http.deps import ServicesDep, require_inference_key
+from server.http.errors import NotFound
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_inference_key)])
 

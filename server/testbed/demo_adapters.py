@@ -7,7 +7,8 @@ vision and audio towers are left alone. `base_model_name_or_path` is the model f
 (e.g. `tiny-gemma4`), never its absolute path, so the files do not depend on where the model
 lives and the same seed always gives the same bytes.
 
-Usage: `python -m adapters.demo MODEL_DIR OUT_DIR [--seed N]` writes `OUT_DIR/<name>/`.
+Usage: `python -m server.testbed.demo_adapters MODEL_DIR OUT_DIR [--seed N]`
+writes `OUT_DIR/<name>/`.
 """
 
 from __future__ import annotations

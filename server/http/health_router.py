@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from server.deps import LifecycleDep
-from server.inference_engine import EngineDeadError
+from server.engine.protocol import EngineDeadError
+from server.http.deps import LifecycleDep
 from server.lifecycle import Phase
 from server.services import Services
 

@@ -13,8 +13,8 @@ import numpy as np
 import soundfile
 from PIL import Image, UnidentifiedImageError
 
-from server.errors import BadRequest, PayloadTooLarge
-from server.inference_engine import AUDIO_SAMPLE_RATE
+from server.engine.protocol import AUDIO_SAMPLE_RATE
+from server.http.errors import BadRequest, PayloadTooLarge
 
 IMAGE_FORMATS = {"PNG", "JPEG", "WEBP"}
 

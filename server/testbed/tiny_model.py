@@ -5,7 +5,7 @@ vision and optional audio towers, a byte-level BPE tokenizer with Gemma 4's spec
 Gemma 4 style chat template and processor configs) at about 1.7 M parameters, so vLLM and
 transformers both load it offline in seconds. The same seed gives byte-identical files.
 
-Usage: `python -m server.tiny_model OUT_DIR [--seed N] [--no-audio] [--kv-shared-layers N]`
+Usage: `python -m server.testbed.tiny_model OUT_DIR [--seed N] [--no-audio] [--kv-shared-layers N]`
 """
 
 from __future__ import annotations

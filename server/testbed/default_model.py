@@ -41,8 +41,8 @@ def _build_atomically(target: Path, build: Callable[[Path], object]) -> None:
 
 def ensure_default_model(cache_dir: Path) -> DefaultModel:
     """Return the tiny model and demo adapters under `cache_dir`, building what is missing."""
-    from adapters.demo import write_demo_adapters
-    from server.tiny_model import build_tiny_model
+    from server.testbed.demo_adapters import write_demo_adapters
+    from server.testbed.tiny_model import build_tiny_model
 
     model_dir = cache_dir / TINY_MODEL_DIR
     adapters_dir = cache_dir / DEMO_ADAPTERS_DIR

@@ -24,7 +24,7 @@ from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
 
-from server.inference_engine import (
+from server.engine.protocol import (
     AUDIO_SAMPLE_RATE,
     AdapterRef,
     CompletionDelta,

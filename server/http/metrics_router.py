@@ -8,7 +8,7 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from server.deps import require_admin_key
+from server.http.deps import require_admin_key
 from server.metrics import ServiceMetrics
 from server.services import Services
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import error_body
+from server.http.errors import error_body
 from server.metrics import ServiceMetrics
 
 logger = logging.getLogger("server.access")

@@ -28,8 +28,8 @@ from adapters.registry import AdapterRecord, AdapterRegistry, check_name
 from adapters.residency import HostCacheModel
 from adapters.sources import resolve_under_roots, store_upload
 from adapters.validation import ValidationLimits, validate_adapter
-from server.errors import NotFound
-from server.inference_engine import AdapterRef, EngineError, InferenceEngine
+from server.engine.protocol import AdapterRef, EngineError, InferenceEngine
+from server.http.errors import NotFound
 from server.metrics import ServiceMetrics
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,1 @@
+"""The engine layer: the protocol the services use and its vLLM implementation."""

@@ -1,0 +1,1 @@
+"""HTTP plumbing every router uses: dependencies, auth, errors, request context, small routers."""
