@@ -58,6 +58,7 @@ logger = logging.getLogger("bench")
 ROOT = Path(__file__).resolve().parent.parent
 FULL_MIXES = ["base", "one-adapter", "8-adapters", "image-20%", "churn-100"]
 SHORT_MIXES = ["one-adapter", "image-20%"]
+PAIRED_MIXES = ["base", "mix-4"]
 
 
 def _ints(text: str) -> list[int]:
@@ -82,6 +83,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--served-model-name", help="base model name (default: folder name)")
     parser.add_argument("--cache-dir", type=Path, default=ROOT / ".cache")
     parser.add_argument("--short", action="store_true", help="CI mode: a quick end-to-end check")
+    parser.add_argument(
+        "--paired",
+        type=int,
+        metavar="PAIRS",
+        help="both servers up at once, each cell run PAIRS times on each in alternation; "
+        "reports medians of the pair ratios (default mixes base,mix-4 at c8,c32)",
+    )
     parser.add_argument("--repetitions", type=int, help="rounds per target (default 3; short 1)")
     parser.add_argument("--targets", type=_names, default=list(TARGETS))
     # argparse formats help with %: the "image-20%" mix needs escaping.
@@ -110,12 +118,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     short = args.short
     args.repetitions = args.repetitions or (1 if short else 3)
-    args.mixes = args.mixes or (SHORT_MIXES if short else FULL_MIXES)
-    args.concurrency = args.concurrency or ([1, 8] if short else [1, 8, 32])
+    default_mixes = PAIRED_MIXES if args.paired else SHORT_MIXES if short else FULL_MIXES
+    args.mixes = args.mixes or default_mixes
+    args.concurrency = args.concurrency or (
+        [1, 8] if short else [8, 32] if args.paired else [1, 8, 32]
+    )
     args.requests = args.requests or ({1: 3, 8: 8} if short else {1: 10, 8: 40, 32: 96})
     args.registered_adapters = args.registered_adapters or (8 if short else 100)
     results = ROOT / "bench" / "results"
-    args.output = args.output or results / ("short.json" if short else "latest.json")
+    default_output = "paired.json" if args.paired else "short.json" if short else "latest.json"
+    args.output = args.output or results / default_output
     args.hot_loads = args.hot_loads if args.hot_loads is not None else (1 if short else 3)
     unknown = [m for m in args.mixes if m not in MIXES] + [
         t for t in args.targets if t not in TARGETS
@@ -270,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     factory = PromptFactory(model_dir)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     log_root = args.output.parent / "logs"
+    if args.paired:
+        return paired_main(args, argv, plan, factory, adapters, log_root, began)
     rounds: dict[str, list[RoundResult]] = {t: [] for t in args.targets}
     failures: list[str] = []
     work_dir = Path(tempfile.mkdtemp(prefix="bench-"))
@@ -332,6 +346,43 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {failure}", file=sys.stderr)
         return 1
     return 0
+
+
+def paired_main(
+    args: argparse.Namespace,
+    argv: list[str] | None,
+    plan: Plan,
+    factory: PromptFactory,
+    adapters: Any,
+    log_root: Path,
+    began: float,
+) -> int:
+    """`--paired N`: both servers at once, alternated runs, medians of pair ratios."""
+    from bench.paired import paired_checks, paired_summary, paired_table, run_paired
+
+    cells = run_paired(
+        plan, factory, adapters, log_root / "paired", args.startup_timeout, args.paired
+    )
+    summary = paired_summary(cells)
+    checks = paired_checks(summary)
+    text = paired_table(summary, checks)
+    errors = sum(sum(entry["errors"].values()) for entry in summary.values())
+    report = {
+        "command": " ".join(
+            ["python -m bench.compare", *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "seconds": round(time.perf_counter() - began, 1),
+        "machine": machine(),
+        "plan": plan.to_json(),
+        "summary": summary,
+        "targets": checks,
+        "runs": {key: to_json(cell.runs) for key, cell in cells.items()},
+        "table": text,
+    }
+    args.output.write_text(json.dumps(report, indent=1))
+    print(text)
+    print(f"\nJSON: {args.output}")
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":  # the engine-alone process imports vLLM; nothing here starts it

@@ -61,6 +61,10 @@ class RunMetrics:
     prompt_tokens_mean: float | None
     target_cores: float | None = None  # CPU the target used during the run
     other_cores: float | None = None  # CPU other processes used meanwhile (noise)
+    # CPU seconds of the API process alone (HTTP + AsyncLLM front end; not the engine core or
+    # worker): a figure that noise from other jobs barely moves.
+    api_cpu_s_per_1k_tokens: float | None = None
+    api_cpu_ms_per_request: float | None = None
     first_error: str | None = None
 
 
@@ -88,6 +92,7 @@ def summarize(
     ]
     tokens = sum(r.completion_tokens for r in good)
     errors = [r.error for r in records if r.error is not None]
+    api_cpu = None if window is None else window.root_cpu_seconds
     return RunMetrics(
         requests=len(records),
         errors=len(errors),
@@ -106,6 +111,8 @@ def summarize(
         else None,
         target_cores=None if window is None else window.target_cores,
         other_cores=None if window is None else window.other_cores,
+        api_cpu_s_per_1k_tokens=round(api_cpu / tokens * 1000, 4) if api_cpu and tokens else None,
+        api_cpu_ms_per_request=round(api_cpu / len(good) * 1000, 3) if api_cpu and good else None,
         first_error=errors[0] if errors else None,
     )
 
@@ -119,6 +126,14 @@ def tree_rss(root: psutil.Process) -> int:
             with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
                 total += process.memory_info().rss
     return total
+
+
+def process_cpu_seconds(process: psutil.Process) -> float:
+    """User + system CPU seconds of one process (0 once it is gone)."""
+    with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+        times = process.cpu_times()
+        return float(times.user + times.system)
+    return 0.0
 
 
 def _tree_cpu_seconds(root: psutil.Process) -> float:
@@ -143,6 +158,7 @@ class Window:
     peak_rss_bytes: int
     target_cores: float  # CPU used by the target's process tree, in cores
     other_cores: float  # CPU used by everything else but this harness: the noise
+    root_cpu_seconds: float  # CPU seconds of the root process alone (the API process)
 
 
 class RssSampler:
@@ -183,12 +199,15 @@ class RssSampler:
             self._sample()
             self._stop.wait(self._interval)
 
-    def _cpu_mark(self) -> tuple[float, float, float, float]:
-        own = 0.0
-        if not self._own_in_tree:
-            times = self._own.cpu_times()
-            own = times.user + times.system
-        return time.perf_counter(), _busy_cpu_seconds(), _tree_cpu_seconds(self._root), own
+    def _cpu_mark(self) -> tuple[float, float, float, float, float]:
+        own = 0.0 if self._own_in_tree else process_cpu_seconds(self._own)
+        return (
+            time.perf_counter(),
+            _busy_cpu_seconds(),
+            _tree_cpu_seconds(self._root),
+            own,
+            process_cpu_seconds(self._root),
+        )
 
     def window(self) -> Window:
         """Peak RSS and CPU use since the previous call (sampling once more now)."""
@@ -196,10 +215,12 @@ class RssSampler:
         with self._lock:
             peak, self._window_peak = self._window_peak, 0
         mark = self._cpu_mark()
-        wall, busy, tree, own = (b - a for a, b in zip(self._mark, mark, strict=True))
+        wall, busy, tree, own, root = (b - a for a, b in zip(self._mark, mark, strict=True))
         self._mark = mark
         wall = max(wall, 1e-9)
-        return Window(peak, round(tree / wall, 2), round(max(0.0, busy - tree - own) / wall, 2))
+        return Window(
+            peak, round(tree / wall, 2), round(max(0.0, busy - tree - own) / wall, 2), root
+        )
 
 
 def now() -> float:

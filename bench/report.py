@@ -66,6 +66,9 @@ def aggregate(rounds: dict[str, list[RoundResult]], cells: list[Cell]) -> dict[s
             )
             for metric in ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "itl_p50_ms", "itl_p99_ms"):
                 ratios[f"{metric}_{SERVICE}_over_{other}"] = _ratio(service[metric], theirs[metric])
+            ratios[f"api_cpu_per_token_{SERVICE}_over_{other}"] = _ratio(
+                service["api_cpu_s_per_1k_tokens"], theirs["api_cpu_s_per_1k_tokens"]
+            )
             ratios[f"peak_rss_{SERVICE}_over_{other}"] = _ratio(
                 service["peak_rss_mib"], theirs["peak_rss_mib"]
             )
@@ -108,6 +111,13 @@ def check_targets(summary: dict[str, Any], cells: list[Cell]) -> list[dict[str, 
         vs_engine = ratios.get(f"tokens_per_s_{SERVICE}_over_{ENGINE}")
         if vs_engine is not None and cell.concurrency >= 8:
             add(f"throughput >= 0.90x engine [{cell.key}]", vs_engine >= 0.9, f"{vs_engine:.2f}x")
+        api_cpu = ratios.get(f"api_cpu_per_token_{SERVICE}_over_{VLLM}")
+        if api_cpu is not None and cell.concurrency >= 8:
+            add(
+                f"API CPU per token <= 0.6x vllm serve [{cell.key}]",
+                api_cpu <= 0.6,
+                f"{api_cpu:.2f}x",
+            )
         for metric in ("ttft_p50_ms", "ttft_p99_ms"):
             ratio = ratios.get(f"{metric}_{SERVICE}_over_{VLLM}")
             if ratio is not None:
@@ -193,6 +203,22 @@ def tables(summary: dict[str, Any], cells: list[Cell], checks: list[dict[str, An
             f"| {_triple(entry, 'tpot_p50_ms')} "
             f"| {_triple(entry, 'itl_p50_ms')} | {_triple(entry, 'itl_p99_ms')} "
             f"| {_triple(entry, 'peak_rss_mib', 0)} |"
+        )
+    lines += [
+        "",
+        "API process CPU (HTTP + AsyncLLM front end; for the engine alone, its one process with "
+        "the driver): CPU seconds per 1000 output tokens and ms per request "
+        "(each cell: service / vllm / engine)",
+        "",
+        "| cell | API CPU s / 1k tokens | service/vllm | API CPU ms / request |",
+        "|---|---:|---:|---:|",
+    ]
+    for cell in cells:
+        entry = summary["cells"][cell.key]
+        ratio = entry.get("ratios", {}).get(f"api_cpu_per_token_{SERVICE}_over_{VLLM}")
+        lines.append(
+            f"| {cell.key} | {_triple(entry, 'api_cpu_s_per_1k_tokens', 3)} | {_fmt(ratio, 2)} "
+            f"| {_triple(entry, 'api_cpu_ms_per_request', 2)} |"
         )
     lines += [
         "",

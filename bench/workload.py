@@ -76,6 +76,7 @@ class Mix:
     adapters: int  # 0: the base model only; else round-robin over the first `adapters`
     image_share: float = 0.0
     description: str = ""
+    with_base: bool = False  # the base model takes its turn in the round-robin too
 
 
 MIXES: dict[str, Mix] = {
@@ -83,6 +84,7 @@ MIXES: dict[str, Mix] = {
     for m in (
         Mix("base", 0, description="base model only"),
         Mix("one-adapter", 1, description="one adapter"),
+        Mix("mix-4", 3, description="base + 3 adapters round-robin", with_base=True),
         Mix("8-adapters", 8, description="8 adapters round-robin, max_loras 4"),
         Mix("churn-100", 100, description="100 adapters round-robin, max_cpu_loras 8"),
         Mix("image-20%", 0, 0.2, description="base model, 20% of requests with a 64x64 PNG"),
@@ -210,7 +212,9 @@ def cell_requests(
     """
     rng = random.Random(_cell_seed(workload.seed, mix.name, *purpose))
     names = adapter_names(min(mix.adapters, registered))
-    offset = rng.randrange(len(names)) if mix.adapters > 1 else 0
+    if mix.with_base:
+        names.insert(0, served_name)
+    offset = rng.randrange(len(names)) if len(names) > 1 else 0
     image_count = round(count * mix.image_share)
     with_image = set(rng.sample(range(count), image_count))
     requests = []
