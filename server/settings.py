@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -49,6 +49,14 @@ class Settings(BaseSettings):
     max_model_len: int | None = Field(None, gt=0, description="Context length (default: model's).")
     max_num_seqs: int | None = Field(None, gt=0, description="Sequences per engine step.")
     seed: int = Field(0, description="Engine seed.")
+    tensor_parallel_size: int = Field(
+        1, gt=0, description="GPUs one model is split over (vLLM's tensor parallelism)."
+    )
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Other vLLM engine arguments, as a JSON object of AsyncEngineArgs fields "
+        "(e.g. '{\"enforce_eager\": true}'); fields the service sets itself are refused.",
+    )
 
     # LoRA
     max_loras: int = Field(4, gt=0, description="Adapters in one batch (slots on the accelerator).")

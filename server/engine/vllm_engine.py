@@ -7,6 +7,7 @@ implements `InferenceEngine`, translating the service's plain dataclasses to vLL
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -42,6 +43,17 @@ logger = logging.getLogger(__name__)
 CPU_DEFAULT_KV_CACHE_BYTES = 256 * 2**20
 
 
+def _passed_through(settings: Settings, owned: set[str]) -> dict[str, Any]:
+    """`--engine-args`, checked: AsyncEngineArgs fields the service does not set itself."""
+    known = {field.name for field in dataclasses.fields(AsyncEngineArgs)}
+    for key in settings.engine_args:
+        if key in owned:
+            raise ValueError(f"engine_args: `{key}` is set by the service; use its own setting")
+        if key not in known:
+            raise ValueError(f"engine_args: `{key}` is not a vLLM engine argument")
+    return dict(settings.engine_args)
+
+
 def engine_args(settings: Settings, model_path: str, served_name: str) -> AsyncEngineArgs:
     """vLLM engine arguments for the service's settings (LoRA always on)."""
     kv_cache_bytes = settings.kv_cache_memory_bytes
@@ -51,14 +63,14 @@ def engine_args(settings: Settings, model_path: str, served_name: str) -> AsyncE
         "max_model_len": settings.max_model_len,
         "max_num_seqs": settings.max_num_seqs,
     }
-    return AsyncEngineArgs(
+    owned: dict[str, Any] = dict(
         model=model_path,
         served_model_name=[served_name],
-        dtype=settings.dtype,  # type: ignore[arg-type]
+        dtype=settings.dtype,
         seed=settings.seed,
         enable_lora=True,
         max_loras=settings.max_loras,
-        max_lora_rank=settings.max_lora_rank,  # type: ignore[arg-type]  # checked by Settings
+        max_lora_rank=settings.max_lora_rank,  # one vLLM accepts: checked by Settings
         max_cpu_loras=settings.max_cpu_loras,
         kv_cache_memory_bytes=kv_cache_bytes,
         gpu_memory_utilization=settings.gpu_memory_utilization,
@@ -74,8 +86,11 @@ def engine_args(settings: Settings, model_path: str, served_name: str) -> AsyncE
         ),
         # Requests are logged by the service with its own request ids.
         enable_log_requests=False,
+        tensor_parallel_size=settings.tensor_parallel_size,
         **{key: value for key, value in optional.items() if value is not None},
     )
+    extra = _passed_through(settings, set(owned) | set(optional))
+    return AsyncEngineArgs(**owned, **extra)
 
 
 def sampling_params(sampling: Sampling) -> SamplingParams:
