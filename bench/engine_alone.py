@@ -1,4 +1,4 @@
-"""The engine alone, as the upper bound: `server.engine.VllmEngine` driven in-process, no HTTP.
+"""The engine alone, as the upper bound: the service's `VllmEngine` in-process, no HTTP.
 
 Run by the harness as its own process (`python -m bench.engine_alone PLAN.json OUT.json`), so
 its process tree (this process, vLLM's engine core and worker) is measured like a server's.

@@ -1,7 +1,8 @@
 """The narrow contract between the service and the inference engine, free of vLLM imports.
 
-Services depend on `InferenceEngine`; `server.engine.VllmEngine` implements it on vLLM, and tests
-may pass a fake. Requests and outputs are plain dataclasses so nothing above the bridge needs vLLM.
+Services depend on `InferenceEngine`; `server.engine.vllm_engine.VllmEngine` implements it on
+vLLM, and tests may pass a fake. Requests and outputs are plain dataclasses so nothing above the
+bridge needs vLLM.
 """
 
 from __future__ import annotations
