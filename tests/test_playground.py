@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import re
 import subprocess
 import tarfile
 import tempfile
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ import httpx
 import openai
 import pytest
 import pytest_asyncio
+import soundfile
 from selenium import webdriver
 from selenium.webdriver import Chrome as WebDriver
 from selenium.webdriver.chrome.service import Service
@@ -32,6 +35,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from server.app import create_app
 from server.engine.protocol import (
+    AUDIO_SAMPLE_RATE,
     AdapterRef,
     CompletionDelta,
     GenerationChunk,
@@ -44,7 +48,7 @@ from server.testbed.default_model import DefaultModel
 from server.testbed.demo_adapters import DEMO_ADAPTERS, write_demo_adapter
 from tests.conftest import engine_settings
 from tests.live_server import LiveServer, live_server
-from tests.media import seeded_image
+from tests.media import seeded_audio, seeded_image
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "tests" / "artifacts"
@@ -55,6 +59,9 @@ DEMO_NAMES = [spec.name for spec in DEMO_ADAPTERS]
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 CHROMIUM_FLAGS = [
+    # a fake microphone (a beep) that needs no permission prompt, for the recording test
+    "--use-fake-device-for-media-stream",
+    "--use-fake-ui-for-media-stream",
     "--headless",
     "--no-sandbox",
     "--disable-gpu",
@@ -155,11 +162,11 @@ def screenshot(driver: WebDriver, name: str, size: dict) -> Path:
 
 def metrics_row(driver: WebDriver, model: str) -> list[str]:
     """Requests and mean TTFT of `model` in the live metrics panel."""
-    for row in find_all(driver, "#metrics-table tbody tr"):
-        cells = [cell.text for cell in row.find_elements(By.CSS_SELECTOR, "td")]
-        if cells and cells[0] == model:
-            return cells[1:]
-    return []
+    rows: list[list[str]] = driver.execute_script(  # at once: the panel redraws every few seconds
+        "return [...document.querySelectorAll('#metrics-table tbody tr')]"
+        ".map((row) => [...row.cells].map((cell) => cell.textContent))"
+    )
+    return next((cells[1:] for cells in rows if cells and cells[0] == model), [])
 
 
 def console_errors(driver: WebDriver) -> list[str]:
@@ -315,34 +322,129 @@ async def test_compare_shows_base_and_adapter_side_by_side(
         assert texts[model] == (await api_reply(playground, model, prompt, max_tokens))[0]
 
 
-async def test_attached_image_goes_into_the_request(
+async def test_attached_image_and_audio_go_into_the_request(
     playground: LiveServer, browser: WebDriver, tmp_path: Path
 ) -> None:
-    image = tmp_path / "noise.png"
+    image, clip = tmp_path / "noise.png", tmp_path / "tone.wav"
     seeded_image(3, 48).save(image)
-    prompt, max_tokens = "What is in the picture?", 24
+    soundfile.write(clip, seeded_audio(3, 0.5), AUDIO_SAMPLE_RATE)
+    prompt, max_tokens = "What is in the picture and the clip?", 24
 
-    def scenario() -> tuple[str, str, int]:
+    def scenario() -> tuple[str, str, int, int]:
         open_page(browser, playground.base_url)
         Select(find(browser, "#chat-model")).select_by_value("demo-all")
         set_options(browser, max_tokens)
         find(browser, "#file-input").send_keys(str(image))
         wait_for(browser, lambda d: find_all(d, "#attachments .chip img"))
+        find(browser, "#file-input").send_keys(str(clip))
+        wait_for(browser, lambda d: find_all(d, "#attachments .chip audio"))
         send(browser, prompt)
         [reply] = wait_for(browser, lambda d: finished_replies(d, "#chat-log"))
-        shown = len(find_all(browser, "#chat-log .user-message img"))
+        images = len(find_all(browser, "#chat-log .user-message img"))
+        audios = len(find_all(browser, "#chat-log .user-message audio"))
         text = browser.execute_script("return arguments[0].textContent", find(reply, ".content"))
-        screenshot(browser, "playground-image-phone.png", PHONE)
-        return text, reply.get_attribute("data-prompt-tokens") or "", shown
+        screenshot(browser, "playground-media-phone.png", PHONE)
+        return text, reply.get_attribute("data-prompt-tokens") or "", images, audios
 
-    text, prompt_tokens, shown = await asyncio.to_thread(scenario)
+    text, prompt_tokens, images, audios = await asyncio.to_thread(scenario)
     url = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
-    content = [{"type": "text", "text": prompt}, {"type": "image_url", "image_url": {"url": url}}]
+    content = [
+        {"type": "text", "text": prompt},
+        {"type": "image_url", "image_url": {"url": url}},
+        {
+            "type": "input_audio",
+            "input_audio": {"data": base64.b64encode(clip.read_bytes()).decode(), "format": "wav"},
+        },
+    ]
     expected, expected_tokens = await api_reply(playground, "demo-all", content, max_tokens)
     _, text_only_tokens = await api_reply(playground, "demo-all", prompt, max_tokens)
-    assert shown == 1
+    assert (images, audios) == (1, 1)
     assert int(prompt_tokens) == expected_tokens > text_only_tokens
     assert text == expected
+
+
+async def test_microphone_recording_becomes_a_wav_clip(
+    playground: LiveServer, browser: WebDriver
+) -> None:
+    """Chromium's fake microphone (a beep); the page turns its WebM/Opus into 16 kHz WAV."""
+    prompt, max_tokens = "What do you hear?", 8
+
+    def scenario() -> tuple[str, str]:
+        open_page(browser, playground.base_url)
+        Select(find(browser, "#chat-model")).select_by_value(BASE)
+        set_options(browser, max_tokens)
+        find(browser, "#mic").click()
+        wait_for(browser, lambda d: find(d, "#mic").get_attribute("aria-pressed") == "true")
+        time.sleep(1.0)
+        find(browser, "#mic").click()
+        wait_for(browser, lambda d: find_all(d, "#attachments .chip audio"))
+        send(browser, prompt)
+        [reply] = wait_for(browser, lambda d: finished_replies(d, "#chat-log"))
+        error = browser.execute_script("return arguments[0].textContent", find(reply, ".error"))
+        return reply.get_attribute("data-prompt-tokens") or "", error
+
+    prompt_tokens, error = await asyncio.to_thread(scenario)
+    _, text_only_tokens = await api_reply(playground, BASE, prompt, max_tokens)
+    # The server reads WAV, FLAC, OGG and MP3 only: WebM/Opus sent as it was would be refused.
+    assert error == ""
+    assert int(prompt_tokens) > text_only_tokens  # the clip's audio tokens came with the prompt
+
+
+async def test_reasoning_and_tool_calls_render_from_openai_chunks(
+    playground: LiveServer, browser: WebDriver
+) -> None:
+    """The page's stream view on OpenAI-format chunks (as vLLM streams them) in the browser."""
+    chunks = [
+        {"choices": [{"index": 0, "delta": {"role": "assistant", "reasoning_content": "Think"}}]},
+        {"choices": [{"index": 0, "delta": {"reasoning": "ing <b>hard</b>"}}]},
+        {"choices": [{"index": 0, "delta": {"tool_calls": [{
+            "index": 0, "id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": '},
+        }]}}]},
+        {"choices": [{"index": 0, "delta": {"tool_calls": [{
+            "index": 0, "function": {"arguments": '"Paris"}'},
+        }]}}]},
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
+        {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14}},
+    ]  # fmt: skip
+    script = """
+        const [chunks, done] = arguments;
+        import("/playground/assets/stream.js").then(({ ReplyView }) => {
+          const view = new ReplyView("demo-attn");
+          document.body.append(view.node);
+          view.start();
+          chunks.forEach((chunk) => view.add(chunk));
+          view.finish();
+          done({
+            reasoning: view.node.querySelector(".reasoning-text").textContent,
+            reasoningShown: !view.node.querySelector(".reasoning").hidden,
+            tool: view.node.querySelector(".tool-name").textContent,
+            args: view.node.querySelector(".tool-call pre").textContent,
+            calls: view.toolCalls,
+            stats: view.node.querySelector(".stats").textContent,
+            elements: view.node.querySelectorAll(".reasoning-text *").length,
+          });
+        });
+    """
+
+    def scenario() -> dict[str, Any]:
+        open_page(browser, playground.base_url)
+        result: dict[str, Any] = browser.execute_async_script(script, chunks)
+        return result
+
+    shown = await asyncio.to_thread(scenario)
+    assert shown["reasoning"] == "Thinking <b>hard</b>" and shown["reasoningShown"]
+    assert shown["elements"] == 0
+    assert shown["tool"] == "get_weather"
+    assert json.loads(shown["args"]) == {"city": "Paris"}
+    assert shown["calls"] == [
+        {
+            "id": "call_1",
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": shown["args"]},
+        }
+    ]
+    assert "9 prompt + 5 completion tokens" in shown["stats"] and "tool_calls" in shown["stats"]
 
 
 def adapter_archive(folder: Path, out: Path) -> Path:
