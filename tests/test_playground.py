@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 import re
 import subprocess
@@ -361,6 +362,33 @@ async def test_attached_image_and_audio_go_into_the_request(
     assert (images, audios) == (1, 1)
     assert int(prompt_tokens) == expected_tokens > text_only_tokens
     assert text == expected
+
+
+async def test_dropped_files_are_attached(playground: LiveServer, browser: WebDriver) -> None:
+    image = io.BytesIO()
+    seeded_image(4, 32).save(image, "PNG")
+    script = """
+        const [data, name] = arguments;
+        const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+        const files = new DataTransfer();
+        files.items.add(new File([bytes], name, { type: "image/png" }));
+        files.items.add(new File(["plain text"], "notes.txt", { type: "text/plain" }));
+        const composer = document.getElementById("composer");
+        composer.dispatchEvent(new DragEvent("dragover", { dataTransfer: files, bubbles: true }));
+        composer.dispatchEvent(new DragEvent("drop", { dataTransfer: files, bubbles: true }));
+    """
+
+    def scenario() -> tuple[list[str], str]:
+        open_page(browser, playground.base_url)
+        browser.execute_script(script, base64.b64encode(image.getvalue()).decode(), "drop.png")
+        wait_for(browser, lambda d: find_all(d, "#attachments .chip img"))
+        wait_for(browser, lambda d: find(d, "#composer-error").text)
+        names = [chip.text for chip in find_all(browser, "#attachments .chip-name")]
+        return names, find(browser, "#composer-error").text
+
+    names, error = await asyncio.to_thread(scenario)
+    assert names == ["drop.png"]
+    assert error.startswith("notes.txt: attach PNG, JPEG or WebP images, or audio")
 
 
 async def test_microphone_recording_becomes_a_wav_clip(
