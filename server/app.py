@@ -42,6 +42,7 @@ from server.inference.media import MediaLimits
 from server.inference.prompt import ChatRenderer
 from server.lifecycle import Phase, ServiceLifecycle
 from server.metrics import ServiceMetrics
+from server.playground import api_router as playground_router
 from server.services import Services
 from server.settings import Settings
 from server.testbed.default_model import ensure_default_model
@@ -260,4 +261,6 @@ def create_app(settings: Settings, engine: InferenceEngine | None = None) -> Fas
     app.include_router(models_router.router)
     app.include_router(inference_router.router)
     app.include_router(admin_router.router)
+    if settings.playground:
+        app.include_router(playground_router.router)
     return app

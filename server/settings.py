@@ -127,6 +127,9 @@ class Settings(BaseSettings):
         30.0, ge=0, description="On SIGTERM, how long in-flight requests may finish."
     )
     log_level: str = Field("info", description="Logging level.")
+    playground: bool = Field(
+        True, description="Serve the playground web page at / and /playground (--no-playground)."
+    )
 
     @field_validator("api_keys", "admin_keys", "lora_modules", "adapter_roots", mode="before")
     @classmethod
