@@ -75,6 +75,8 @@ async def test_ready_is_false_while_starting_and_the_server_exits_when_the_engin
         assert seen[0] == 503, "readiness answers 503 while the engine starts"
         for child in psutil.Process(process.pid).children(recursive=True):
             child.kill()  # the engine dies under the server: it is restarted once
+        while (await http.get("/ready")).status_code == 200:
+            await asyncio.sleep(0.01)  # until vLLM's monitor thread has seen the death (ms)
         await wait_ready(base_url, timeout=600)
         for child in psutil.Process(process.pid).children(recursive=True):
             child.kill()  # and dies again: past the limit, the service gives up

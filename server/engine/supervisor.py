@@ -206,7 +206,7 @@ class EngineSupervisor:
             return
         self._dead.append(engine)
         if self._lifecycle.engine_died():
-            logger.error("the inference engine died; restarting it")
+            logger.error("the inference engine died")
             # A fresh context: the restart's log lines are not the noticing request's.
             self._restarting = asyncio.create_task(self._restart(), context=contextvars.Context())
 
@@ -236,6 +236,13 @@ class EngineSupervisor:
                 return
             delay = self._policy.backoff(len(self._restarts))
             self._restarts.append(now)
+            logger.warning(
+                "restarting the inference engine in %g s (restart %d of at most %d in %g s)",
+                delay,
+                len(self._restarts),
+                self._policy.max_restarts,
+                self._policy.window_seconds,
+            )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
             if self._stopping.is_set():
