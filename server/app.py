@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -23,6 +24,7 @@ from adapters.validation import ValidationLimits
 from server.admin import api_router as admin_router
 from server.admin.adapter_service import AdapterService, AdapterSources
 from server.engine.protocol import EngineDeadError, InferenceEngine
+from server.engine.supervisor import EngineSupervisor, RestartPolicy
 from server.http import health_router, metrics_router, models_router
 from server.http.errors import (
     BadRequest,
@@ -30,6 +32,7 @@ from server.http.errors import (
     NotFound,
     PayloadTooLarge,
     ServiceError,
+    ServiceUnavailable,
     envelope,
     error_body,
     unexpected_error_body,
@@ -85,6 +88,11 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def adapter_error(_: Request, exc: AdapterError) -> JSONResponse:
         return answer(_adapter_error(exc))
 
+    @app.exception_handler(EngineDeadError)
+    async def engine_dead(_: Request, exc: EngineDeadError) -> JSONResponse:
+        # Any route that reaches the engine while it restarts (the admin API too).
+        return answer(ServiceUnavailable(str(exc)))
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         return answer(_validation_error(exc))
@@ -114,10 +122,8 @@ def _startup_folders(settings: Settings, preload_dir: Path | None) -> dict[str, 
     return folders
 
 
-async def _start_services(
-    app: FastAPI, settings: Settings, engine: InferenceEngine | None
-) -> InferenceEngine | None:
-    """Start the engine (unless given) and the services; returns the engine this app owns."""
+async def _start_services(app: FastAPI, settings: Settings, engine: InferenceEngine | None) -> None:
+    """Start the engine (unless given) under a supervisor, then the services on it."""
     if settings.model:
         model_dir = Path(settings.model)
         preload_dir = settings.preload_dir
@@ -127,24 +133,29 @@ async def _start_services(
         preload_dir = settings.preload_dir or tiny.adapters_dir
     served_name = settings.served_name(model_dir)
     base = await asyncio.to_thread(BaseModelSpec.from_model_dir, model_dir, served_name)
-    if engine is not None:
-        await _start_adapter_services(app, settings, engine, model_dir, preload_dir, base)
-        return None
-    from server.engine.vllm_engine import VllmEngine  # vLLM is heavy: import it only when it runs
+    policy = RestartPolicy(settings.engine_max_restarts, settings.engine_restart_window_seconds)
+    lifecycle: ServiceLifecycle = app.state.lifecycle
+    if engine is not None:  # the caller's engine: never restarted nor shut down here
+        supervisor = EngineSupervisor(engine, lifecycle, app.state.metrics, policy)
+    else:
+        from server.engine.vllm_engine import VllmEngine  # vLLM is heavy: import it only when run
 
-    owned = await VllmEngine.start(settings, str(model_dir), served_name)
+        async def start_engine() -> InferenceEngine:
+            return await VllmEngine.start(settings, str(model_dir), served_name)
+
+        first = await start_engine()
+        supervisor = EngineSupervisor(first, lifecycle, app.state.metrics, policy, start_engine)
     try:
-        await _start_adapter_services(app, settings, owned, model_dir, preload_dir, base)
+        await _start_adapter_services(app, settings, supervisor, model_dir, preload_dir, base)
     except BaseException:
-        await owned.shutdown()  # never leave engine processes behind a failed start
+        await supervisor.shutdown()  # never leave engine processes behind a failed start
         raise
-    return owned
 
 
 async def _start_adapter_services(
     app: FastAPI,
     settings: Settings,
-    engine: InferenceEngine,
+    engine: EngineSupervisor,
     model_dir: Path,
     preload_dir: Path | None,
     base: BaseModelSpec,
@@ -174,6 +185,7 @@ async def _start_adapter_services(
         host_cache_size=settings.max_cpu_loras or settings.max_loras,
     )
     await adapters.restore()
+    engine.restore_adapters_with(adapters.restore_into_new_engine)
     await adapters.preload(_startup_folders(settings, preload_dir))
     limits = MediaLimits(
         max_image_bytes=settings.max_image_bytes,
@@ -204,13 +216,10 @@ def create_app(settings: Settings, engine: InferenceEngine | None = None) -> Fas
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         lifecycle: ServiceLifecycle = app.state.lifecycle
-        owned: list[InferenceEngine] = []
 
         async def start() -> None:
             try:
-                engine_owned = await _start_services(app, settings, engine)
-                if engine_owned is not None:
-                    owned.append(engine_owned)
+                await _start_services(app, settings, engine)
                 if lifecycle.phase is Phase.STARTING:
                     lifecycle.phase = Phase.READY
                     logger.info("ready")
@@ -219,15 +228,14 @@ def create_app(settings: Settings, engine: InferenceEngine | None = None) -> Fas
                 lifecycle.fail(f"start-up failed: {type(exc).__name__}")
 
         async def watch_engine() -> None:
-            # A dead engine is noticed within seconds even when no request or probe comes.
+            # A dead engine is noticed within seconds even when no request or probe comes;
+            # the supervisor then restarts it.
             while lifecycle.phase is not Phase.FAILED:
                 await asyncio.sleep(ENGINE_CHECK_SECONDS)
                 services: Services | None = app.state.services
                 if lifecycle.phase is Phase.READY and services is not None:
-                    try:
+                    with contextlib.suppress(EngineDeadError):
                         await services.engine.check_health()
-                    except EngineDeadError:
-                        lifecycle.fail("the inference engine stopped")
 
         starting = asyncio.create_task(start())
         watching = asyncio.create_task(watch_engine())
@@ -240,8 +248,7 @@ def create_app(settings: Settings, engine: InferenceEngine | None = None) -> Fas
             await starting  # an engine half-started must still be stopped, not orphaned
             if app.state.services is not None:
                 await app.state.services.adapters.shutdown()
-            for running in owned:
-                await running.shutdown()
+                await app.state.services.engine.shutdown()
 
     app = FastAPI(title="Gemma 4 adapter server", lifespan=lifespan)
     app.state.settings = settings

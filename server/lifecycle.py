@@ -9,13 +9,14 @@ from enum import StrEnum
 class Phase(StrEnum):
     STARTING = "starting"  # engine loading; readiness is false
     READY = "ready"
+    RESTARTING = "restarting"  # the engine died; a new one is starting; readiness is false
     DRAINING = "draining"  # SIGTERM: in-flight requests finish, no new ones should come
     STOPPED = "stopped"
-    FAILED = "failed"  # start-up failed or the engine died
+    FAILED = "failed"  # start-up failed, or the engine died and could not be restarted
 
 
 class ServiceLifecycle:
-    """Where the service is between start and stop; changed only by the app's lifespan."""
+    """Where the service is between start and stop; changed by the lifespan and the supervisor."""
 
     def __init__(self) -> None:
         self.phase = Phase.STARTING
@@ -35,5 +36,17 @@ class ServiceLifecycle:
             listener(reason)
 
     def drain(self) -> None:
-        if self.phase in (Phase.STARTING, Phase.READY):
+        if self.phase in (Phase.STARTING, Phase.READY, Phase.RESTARTING):
             self.phase = Phase.DRAINING
+
+    def engine_died(self) -> bool:
+        """READY -> RESTARTING; False (no change) when stopping, failed or already restarting."""
+        if self.phase is not Phase.READY:
+            return False
+        self.phase = Phase.RESTARTING
+        return True
+
+    def engine_restarted(self) -> None:
+        """RESTARTING -> READY, unless a stop began meanwhile."""
+        if self.phase is Phase.RESTARTING:
+            self.phase = Phase.READY

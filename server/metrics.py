@@ -96,6 +96,16 @@ class ServiceMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.engine_restarts = Counter(
+            "gemma_server_engine_restarts",
+            "Times a dead inference engine was replaced in-process and served again",
+            registry=r,
+        )
+        self.engine_restart_failures = Counter(
+            "gemma_server_engine_restart_failures",
+            "Engine restarts that failed (the new engine did not start or died during restore)",
+            registry=r,
+        )
         self.http_requests = Counter(
             "gemma_server_http_requests",
             "HTTP requests by route, method and status",

@@ -5,14 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from server.admin.adapter_service import AdapterService
-from server.engine.protocol import InferenceEngine
+from server.engine.supervisor import EngineSupervisor
 from server.inference.chat_serving import ChatService
 from server.inference.completion_serving import CompletionService
 
 
 @dataclass(frozen=True)
 class Services:
-    engine: InferenceEngine
+    engine: EngineSupervisor  # forwards to the current engine, which it replaces if it dies
     adapters: AdapterService
     chat: ChatService
     completions: CompletionService

@@ -131,6 +131,17 @@ class Settings(BaseSettings):
         True, description="Serve the playground web page at / and /playground (--no-playground)."
     )
 
+    # Engine supervision
+    engine_max_restarts: int = Field(
+        3,
+        ge=0,
+        description="Engine restarts allowed within engine_restart_window_seconds; one more "
+        "death and the process exits with status 1 (0: exit on the first death).",
+    )
+    engine_restart_window_seconds: float = Field(
+        600.0, gt=0, description="Window in which engine restarts are counted."
+    )
+
     @field_validator("api_keys", "admin_keys", "lora_modules", "adapter_roots", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:

@@ -8,6 +8,7 @@ on it have finished; the registry file is rewritten after each change.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 import time
@@ -28,8 +29,8 @@ from adapters.registry import AdapterRecord, AdapterRegistry, check_name
 from adapters.residency import HostCacheModel
 from adapters.sources import resolve_under_roots, store_upload
 from adapters.validation import ValidationLimits, validate_adapter
-from server.engine.protocol import AdapterRef, EngineError, InferenceEngine
-from server.http.errors import NotFound
+from server.engine.protocol import AdapterRef, EngineDeadError, EngineError, InferenceEngine
+from server.http.errors import NotFound, ServiceUnavailable
 from server.metrics import ServiceMetrics
 
 logger = logging.getLogger(__name__)
@@ -204,6 +205,15 @@ class AdapterService:
         """Load the adapters of the registry file again, under their ids; drop what is gone."""
         records, next_id = await asyncio.to_thread(self._store.load)
         self.registry.advance_ids(next_id)
+        await self._restore(records)
+
+    async def restore_into_new_engine(self) -> None:
+        """After an engine restart: load every registered adapter into it, same ids and pins."""
+        self._host_cache = HostCacheModel(self._host_cache.capacity)  # the new engine holds none
+        await self._restore(list(self.registry))
+
+    async def _restore(self, records: list[AdapterRecord]) -> None:
+        # EngineDeadError propagates: an engine that died must not cost the registry its entries.
         for record in records:
             try:
                 await asyncio.to_thread(
@@ -218,8 +228,12 @@ class AdapterService:
                 if record.pinned:
                     await self._engine.pin_adapter(record.int_id)
                     self._host_cache.pin(record.int_id)
+            except EngineDeadError:
+                raise
             except (AdapterError, EngineError) as exc:
                 logger.error("registered adapter %s could not be restored: %s", record.name, exc)
+                if self.registry.find(record.name) is record:
+                    self.registry.remove(record.name)
                 continue
             self.registry.put(record)
         await self._persist()
@@ -297,6 +311,9 @@ class AdapterService:
                 if not await self._engine.pin_adapter(record.int_id):
                     raise EngineError("the engine could not pin the adapter")
                 self._host_cache.pin(record.int_id)
+        except EngineDeadError as exc:  # the supervisor restarts it; the client may retry
+            self._host_cache.drop(record.int_id)
+            raise ServiceUnavailable(str(exc)) from exc
         except EngineError as exc:
             self._host_cache.drop(record.int_id)
             logger.error("engine refused adapter %s: %s", name, exc)
@@ -322,7 +339,8 @@ class AdapterService:
             await asyncio.sleep(0.05)
         del self._in_flight[record.int_id]
         self._host_cache.drop(record.int_id)
-        await self._engine.remove_adapter(record.int_id)
+        with contextlib.suppress(EngineDeadError):  # a dead engine's copy is gone with it
+            await self._engine.remove_adapter(record.int_id)
         folder = Path(record.path)
         if folder.parent == self._sources.upload_dir.resolve():  # uploads are ours to delete
             await asyncio.to_thread(shutil.rmtree, folder, True)

@@ -97,7 +97,7 @@ class EngineError(Exception):
 
 
 class EngineDeadError(EngineError):
-    """The engine stopped working; the service can no longer serve."""
+    """The engine stopped working; the supervisor replaces it (`server.engine.supervisor`)."""
 
 
 class InferenceEngine(Protocol):

@@ -7,9 +7,10 @@ implements `InferenceEngine`, translating the service's plain dataclasses to vLL
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from vllm import SamplingParams
@@ -189,6 +190,15 @@ def _client_fault(exc: Exception) -> EngineError:
     return EngineError(message, is_client_fault=True)
 
 
+@contextlib.contextmanager
+def _engine_alive() -> Iterator[None]:
+    """vLLM's EngineDeadError as the service's, which the supervisor acts on."""
+    try:
+        yield
+    except VllmEngineDeadError as exc:
+        raise EngineDeadError("the inference engine stopped") from exc
+
+
 class VllmEngine:
     """`InferenceEngine` on vLLM's AsyncLLM."""
 
@@ -229,7 +239,8 @@ class VllmEngine:
             raise _client_fault(exc) from exc
 
     async def abort(self, request_id: str) -> None:
-        await self._llm.abort(request_id)
+        with _engine_alive():
+            await self._llm.abort(request_id)
 
     async def add_adapter(self, adapter: AdapterRef) -> None:
         """Load an adapter version into the engine; raises EngineError if vLLM refuses it."""
@@ -243,13 +254,16 @@ class VllmEngine:
             raise EngineError("the engine could not load the adapter")
 
     async def remove_adapter(self, int_id: int) -> bool:
-        return await self._llm.remove_lora(int_id)
+        with _engine_alive():
+            return await self._llm.remove_lora(int_id)
 
     async def pin_adapter(self, int_id: int) -> bool:
-        return await self._llm.pin_lora(int_id)
+        with _engine_alive():
+            return await self._llm.pin_lora(int_id)
 
     async def list_adapters(self) -> set[int]:
-        return await self._llm.list_loras()
+        with _engine_alive():
+            return await self._llm.list_loras()
 
     def running_request_count(self) -> int:
         return self._llm.get_num_unfinished_requests()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from server.engine.protocol import EngineDeadError
 from server.http.deps import require_admin_key
 from server.metrics import ServiceMetrics
 from server.services import Services
@@ -24,5 +26,6 @@ async def metrics(
     service_metrics: ServiceMetrics = request.app.state.metrics
     services: Services | None = request.app.state.services
     if services is not None:
-        service_metrics.adapters_resident.set(len(await services.adapters.resident_ids()))
+        with contextlib.suppress(EngineDeadError):  # while restarting: keep the last value
+            service_metrics.adapters_resident.set(len(await services.adapters.resident_ids()))
     return Response(service_metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

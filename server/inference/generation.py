@@ -71,7 +71,7 @@ def sampling_from(
 def service_error(exc: EngineError) -> ServiceError:
     """The client-facing error for an engine failure (details of server faults stay in the log)."""
     if isinstance(exc, EngineDeadError):
-        return ServiceUnavailable("the inference engine is not available")
+        return ServiceUnavailable(str(exc))  # says whether the engine is restarting
     if exc.is_client_fault:
         return BadRequest(str(exc))
     logger.error("engine error: %s", exc)
