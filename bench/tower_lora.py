@@ -1,8 +1,9 @@
 """What tower LoRA (`--enable-tower-lora`) costs: the same engine with it off and on, side by side.
 
-`python -m bench.tower_lora [--dtype auto] [--repeats 7]` starts the engine on the tiny Gemma 4
-twice (tower LoRA off, then on), each time with one vision-tower adapter written by PEFT, and
-measures in each: engine memory (resident bytes of this process tree once warm), the median
+`python -m bench.tower_lora [--dtype auto] [--repeats 7]` starts two engines on the tiny Gemma 4
+in one process (tower LoRA off and on), each with one vision-tower adapter written by PEFT, and
+alternates every measurement between them, so a shared machine's load hits both alike. It
+measures engine memory (resident bytes of each engine's processes once warm), the median
 latency of image requests (a fresh image per request, so neither the encoder cache nor the
 prefix cache hides the vision tower) for a small and a large image, with and without the
 adapter, and text throughput (8 concurrent requests). It prints one table; BENCHMARKS.md
@@ -69,11 +70,19 @@ async def _generate(engine: object, prompt: object, max_tokens: int, adapter: ob
     return tokens
 
 
-async def measure_mode(
-    model_dir: Path, adapter_dir: Path, *, tower: bool, dtype: str, repeats: int
-) -> ModeFigures:
-    """Start one engine (tower LoRA on or off), measure it, stop it."""
-    from server.engine.protocol import AdapterRef, Prompt
+def _engine_rss(pids: set[int]) -> int:
+    """Resident bytes of one engine's processes (its engine core and worker, and their children)."""
+    total = 0
+    for pid in pids:
+        try:
+            total += tree_rss(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            continue
+    return total
+
+
+async def _start(model_dir: Path, *, tower: bool, dtype: str) -> tuple[object, set[int]]:
+    """Start one engine; return it with the ids of the processes it started."""
     from server.engine.vllm_engine import VllmEngine
     from server.settings import Settings
 
@@ -85,36 +94,63 @@ async def measure_mode(
         max_lora_rank=16,
         kv_cache_memory_bytes=64 * 2**20,
     )
+    before = {child.pid for child in psutil.Process().children()}
     engine = await VllmEngine.start(settings, str(model_dir), "tiny-gemma4")
+    started = {child.pid for child in psutil.Process().children()} - before
+    return engine, started
+
+
+async def measure(
+    model_dir: Path, adapter_dir: Path, *, dtype: str, repeats: int
+) -> dict[bool, ModeFigures]:
+    """Both engines up at once; every measurement alternates off / on, so load noise hits both."""
+    from server.engine.protocol import AdapterRef, Prompt
+
+    engines: dict[bool, object] = {}
+    pids: dict[bool, set[int]] = {}
     try:
+        for tower in (False, True):
+            engines[tower], pids[tower] = await _start(model_dir, tower=tower, dtype=dtype)
         adapter = AdapterRef(name="vision-tower", int_id=1, path=str(adapter_dir))
-        await engine.add_adapter(adapter)
         image_text = _render(model_dir, [{"type": "image"}, {"type": "text", "text": "What?"}])
         seeds = itertools.count(1000)
-        warm = Prompt(text=image_text, images=[_image(next(seeds), 64)])
-        await _generate(engine, warm, IMAGE_TOKENS, adapter)
-        await _generate(engine, warm, IMAGE_TOKENS, None)
-        latency: dict[tuple[int, bool], float] = {}
+        for engine in engines.values():
+            await engine.add_adapter(adapter)  # type: ignore[attr-defined]
+            warm = Prompt(text=image_text, images=[_image(next(seeds), 64)])
+            await _generate(engine, warm, IMAGE_TOKENS, adapter)
+            await _generate(engine, warm, IMAGE_TOKENS, None)
+        runs: dict[tuple[bool, int, bool], list[float]] = {}
         for size, with_adapter in itertools.product(IMAGE_SIZES, (False, True)):
-            runs = []
             for _ in range(repeats):
-                prompt = Prompt(text=image_text, images=[_image(next(seeds), size)])
-                started = time.perf_counter()
-                await _generate(engine, prompt, IMAGE_TOKENS, adapter if with_adapter else None)
-                runs.append(time.perf_counter() - started)
-            latency[(size, with_adapter)] = statistics.median(runs)
+                for tower, engine in engines.items():
+                    prompt = Prompt(text=image_text, images=[_image(next(seeds), size)])
+                    started = time.perf_counter()
+                    await _generate(engine, prompt, IMAGE_TOKENS, adapter if with_adapter else None)
+                    elapsed = time.perf_counter() - started
+                    runs.setdefault((tower, size, with_adapter), []).append(elapsed)
         text = Prompt(text=_render(model_dir, [{"type": "text", "text": "Tell me a story."}]))
-        rates = []
+        rates: dict[bool, list[float]] = {False: [], True: []}
         for _ in range(3):
-            started = time.perf_counter()
-            counts = await asyncio.gather(
-                *(_generate(engine, text, TEXT_TOKENS, None) for _ in range(TEXT_CONCURRENCY))
+            for tower, engine in engines.items():
+                started = time.perf_counter()
+                counts = await asyncio.gather(
+                    *(_generate(engine, text, TEXT_TOKENS, None) for _ in range(TEXT_CONCURRENCY))
+                )
+                rates[tower].append(sum(counts) / (time.perf_counter() - started))
+        return {
+            tower: ModeFigures(
+                _engine_rss(pids[tower]),
+                {
+                    (size, with_adapter): statistics.median(runs[(tower, size, with_adapter)])
+                    for size, with_adapter in itertools.product(IMAGE_SIZES, (False, True))
+                },
+                statistics.median(rates[tower]),
             )
-            rates.append(sum(counts) / (time.perf_counter() - started))
-        rss = tree_rss(psutil.Process())
-        return ModeFigures(rss, latency, statistics.median(rates))
+            for tower in engines
+        }
     finally:
-        await engine.shutdown()
+        for engine in engines.values():
+            await engine.shutdown()  # type: ignore[attr-defined]
 
 
 def table(off: ModeFigures, on: ModeFigures, *, dtype: str, repeats: int) -> str:
@@ -122,7 +158,7 @@ def table(off: ModeFigures, on: ModeFigures, *, dtype: str, repeats: int) -> str
     rows = [
         "| measure | tower LoRA off | tower LoRA on | on / off |",
         "|---|---:|---:|---:|",
-        _row("engine memory, process tree RSS (MiB)", off.rss_bytes / 2**20, on.rss_bytes / 2**20),
+        _row("engine RSS, engine core + worker (MiB)", off.rss_bytes / 2**20, on.rss_bytes / 2**20),
     ]
     for size, with_adapter in itertools.product(IMAGE_SIZES, (False, True)):
         label = (
@@ -158,12 +194,7 @@ async def _main(args: argparse.Namespace) -> str:
         model_dir = build_tiny_model(Path(tmp) / "tiny-gemma4")
         (spec,) = [s for s in SHAPE_ADAPTERS if s.name == "vision-tower"]
         adapter_dir = write_demo_adapter(model_dir, Path(tmp) / spec.name, spec)
-        figures = {}
-        for tower in (False, True):
-            logger.info("measuring with tower LoRA %s", "on" if tower else "off")
-            figures[tower] = await measure_mode(
-                model_dir, adapter_dir, tower=tower, dtype=args.dtype, repeats=args.repeats
-            )
+        figures = await measure(model_dir, adapter_dir, dtype=args.dtype, repeats=args.repeats)
     return table(figures[False], figures[True], dtype=args.dtype, repeats=args.repeats)
 
 

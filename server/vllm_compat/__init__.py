@@ -21,6 +21,7 @@ def _fixes() -> dict[str, Callable[[], bool]]:
     from server.vllm_compat import (
         audio_gemm,
         gemma4_processor,
+        lora_audio_tower,
         lora_index,
         lora_k_eq_v,
         lora_moe_cpu,
@@ -34,6 +35,7 @@ def _fixes() -> dict[str, Callable[[], bool]]:
         "audio_gemm": audio_gemm.apply,
         "lora_k_eq_v": lora_k_eq_v.apply,
         "lora_moe_cpu": lora_moe_cpu.apply,
+        "lora_audio_tower": lora_audio_tower.apply,
     }
 
 
