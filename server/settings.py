@@ -64,6 +64,12 @@ class Settings(BaseSettings):
     max_cpu_loras: int | None = Field(
         None, gt=0, description="Adapters kept in host memory (LRU); default max_loras."
     )
+    enable_tower_lora: bool = Field(
+        False,
+        description="Apply adapters' vision-tower, patch-embedder and embed_vision LoRA "
+        "(vLLM's experimental enable_tower_connector_lora: every image padded to the largest "
+        "patch count, no encoder chunking, encoder cache per adapter).",
+    )
 
     # Memory and multimodal limits
     kv_cache_memory_bytes: int | None = Field(

@@ -57,3 +57,10 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             f"reference match: {len(REFERENCE_DIFFERENCES)} cases with equal greedy tokens; "
             f"max first-step top-5 log-prob difference {max(REFERENCE_DIFFERENCES):.1e}"
         )
+    from tests.test_gemma_shapes import SHAPE_DIFFERENCES
+
+    for (shape, adapter, case), difference in sorted(SHAPE_DIFFERENCES.items()):
+        terminalreporter.write_line(
+            f"shape {shape}, {adapter}, {case}: first-step top-5 log-prob difference "
+            f"{difference:.1e}"
+        )

@@ -54,6 +54,7 @@ def hf_greedy(
     images: Sequence[Image.Image] | None = None,
     audios: Sequence[np.ndarray] | None = None,
     max_tokens: int,
+    causal_images: bool = False,
 ) -> ReferenceOutput:
     """Greedy-decode `prompt` (already rendered by the chat template) with transformers.
 
@@ -61,6 +62,8 @@ def hf_greedy(
     the prompt, in order. Generation stops after `max_tokens` or at an end-of-sequence token of
     the model's generation config (kept, as vLLM keeps it). `first_logprobs` are the
     `log_softmax` of the first step's final (soft-capped) logits, top `TOP_LOGPROBS` only.
+    `causal_images=True` drops `mm_token_type_ids`, so models with
+    `use_bidirectional_attention="vision"` (31B, 26B-A4B) attend causally within images too.
     """
     model, processor = _load(
         str(Path(model_dir).resolve()),
@@ -72,6 +75,8 @@ def hf_greedy(
         audio=list(audios) if audios else None,
         return_tensors="pt",
     )
+    if causal_images:
+        inputs.pop("mm_token_type_ids", None)
     prompt_length = inputs["input_ids"].shape[1]
     with torch.no_grad():
         out = model.generate(

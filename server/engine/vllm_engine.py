@@ -73,6 +73,7 @@ def engine_args(settings: Settings, model_path: str, served_name: str) -> AsyncE
         max_loras=settings.max_loras,
         max_lora_rank=settings.max_lora_rank,  # one vLLM accepts: checked by Settings
         max_cpu_loras=settings.max_cpu_loras,
+        enable_tower_connector_lora=settings.enable_tower_lora,
         kv_cache_memory_bytes=kv_cache_bytes,
         gpu_memory_utilization=settings.gpu_memory_utilization,
         limit_mm_per_prompt={

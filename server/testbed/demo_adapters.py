@@ -51,6 +51,40 @@ DEMO_ADAPTERS: tuple[DemoAdapterSpec, ...] = (
 )
 
 
+# Adapters of every kind people publish for Gemma 4, for the shape tests (`tests/test_gemma_shapes`)
+# and the tower-LoRA benchmark. Regexes name modules a shape may lack (per-layer projections,
+# router); PEFT simply adapts what exists.
+_LM = r".*language_model\."
+_VISION = r".*vision_tower\."
+SHAPE_ADAPTERS: tuple[DemoAdapterSpec, ...] = (
+    DemoAdapterSpec("lm-attn", 4, _LM + r"layers\.\d+\.self_attn\.(q|k|v|o)_proj"),
+    DemoAdapterSpec("lm-mlp", 8, _LM + r"layers\.\d+\.mlp\.(gate|up|down)_proj"),
+    # Every language-model Linear but lm_head: what `all-linear` gives the language model,
+    # including E2B/E4B's per-layer projections and the 26B-A4B router.
+    DemoAdapterSpec(
+        "lm-all",
+        16,
+        _LM + r"(layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj"
+        r"|per_layer_input_gate|per_layer_projection|router\.proj)|per_layer_model_projection)",
+    ),
+    # The vision tower (the `.linear` inside each Gemma4ClippableLinear), its patch embedder
+    # and the vision connector: served only with tower LoRA on.
+    DemoAdapterSpec(
+        "vision-tower",
+        8,
+        _VISION + r"(encoder\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+        r"\.linear|patch_embedder\.input_proj)|.*embed_vision\.embedding_projection",
+    ),
+    # Every audio-tower Linear (incl. relative_k_proj) and the audio connector.
+    DemoAdapterSpec(
+        "audio-tower",
+        8,
+        r".*audio_tower\..*(\.linear|relative_k_proj|output_proj|input_proj_linear)"
+        r"|.*embed_audio\.embedding_projection",
+    ),
+)
+
+
 def _generator(seed: int, spec: DemoAdapterSpec) -> Any:
     import torch
 

@@ -5,7 +5,14 @@ vision and optional audio towers, a byte-level BPE tokenizer with Gemma 4's spec
 Gemma 4 style chat template and processor configs) at about 1.7 M parameters, so vLLM and
 transformers both load it offline in seconds. The same seed gives byte-identical files.
 
-Usage: `python -m server.testbed.tiny_model OUT_DIR [--seed N] [--no-audio] [--kv-shared-layers N]`
+Shapes (`--shape`), each a scaled-down copy of one published Gemma 4 family (see `SHAPES`):
+- `default`: the model `make run` serves: per-layer inputs, no KV sharing (4 layers).
+- `e4b`: E2B/E4B style: per-layer inputs, KV-shared last layers, double-wide MLP in them.
+- `dense`: 31B style: no per-layer inputs, `attention_k_eq_v` full-attention layers.
+- `moe`: 26B-A4B style: as `dense`, plus a router and experts beside the MLP in every layer.
+
+Usage: `python -m server.testbed.tiny_model OUT_DIR [--shape S] [--seed N] [--no-audio]
+[--kv-shared-layers N]`
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import argparse
 import json
 import logging
 import random
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -176,37 +184,159 @@ def _token_ids(tokenizer: Any) -> dict[str, int]:
     }
 
 
-def _layer_types(kv_shared_layers: int) -> list[str]:
-    # Shared layers come after the four own-KV layers and reuse the last own layer of their
-    # type, so both types must exist before them; the last layer must be full attention.
-    own = ["sliding_attention"] * 3 + ["full_attention"]
-    shared = ["sliding_attention"] * kv_shared_layers
-    if shared:
-        shared[-1] = "full_attention"
-    return own + shared
+# Sources of the real-family values below (public copies of the checkpoints' config.json, found
+# with code search; the hub itself is out of reach here):
+# - 31B: a dump of google/gemma-4-31B-it's config (transformers 5.7.0): 60 layers, pattern of
+#   5 sliding + 1 full, sliding_window 1024, head_dim 256, global_head_dim 512, 32 heads,
+#   16 KV heads, num_global_key_value_heads 4, attention_k_eq_v true,
+#   hidden_size_per_layer_input 0, num_kv_shared_layers 0, final_logit_softcapping 30.0,
+#   use_bidirectional_attention "vision", use_double_wide_mlp false.
+# - 26B-A4B: text_config fields quoted in other projects' tests: 30 layers, hidden 2816,
+#   intermediate 2112, moe_intermediate_size 704, 128 experts, top 8, 16 heads, 8 KV heads,
+#   num_global_key_value_heads 2, head_dim 256, global_head_dim 512, attention_k_eq_v true,
+#   enable_moe_block true, hidden_size_per_layer_input 0. Its sliding window and
+#   use_bidirectional_attention were not found in a source we could read; we assume the 31B's.
+# - E2B/E4B: E2B 35 layers, hidden 1536, 8 heads, 1 KV head, head_dim 256, global_head_dim 512,
+#   sliding_window 512, hidden_size_per_layer_input 256, num_kv_shared_layers 20, pattern 4
+#   sliding + 1 full, double-wide MLP in the KV-shared layers (FFN 6144 / 12288); E4B 42 layers,
+#   5 sliding + 1 full, num_kv_shared_layers 18, uniform FFN. attention_k_eq_v false; softcap 30.
+# Scaled down: sizes shrink, ratios and flags stay (global_head_dim = 2 x head_dim, KV heads
+# fewer than query heads, full attention last, sliding window shorter than the long test prompt).
 
 
-def tiny_config(*, audio: bool = True, kv_shared_layers: int = 0, token_ids: dict[str, int]) -> Any:
-    """The `Gemma4Config` of the tiny model (shapes from ENGINE-NOTES)."""
-    from transformers.models.gemma4.configuration_gemma4 import Gemma4Config
+@dataclass(frozen=True)
+class TinyShape:
+    """The text-model knobs that differ between the Gemma 4 families."""
 
-    layer_types = _layer_types(kv_shared_layers)
-    text_config = {
+    name: str
+    own_layer_types: tuple[str, ...]  # layers with their own KV
+    kv_shared_layers: int  # appended layers reusing earlier layers' KV (E2B/E4B)
+    per_layer_input: bool  # E2B/E4B per-layer embeddings and projections
+    num_key_value_heads: int
+    num_global_key_value_heads: int | None
+    attention_k_eq_v: bool  # 31B / 26B-A4B: full-attention layers have k_proj only
+    double_wide_mlp: bool = False
+    intermediate_size: int = 256
+    moe: bool = False
+    bidirectional_vision: bool = False
+    audio: bool = True  # E2B/E4B have an audio tower; 31B and 26B-A4B (audio_config null) do not
+
+    @property
+    def layer_types(self) -> list[str]:
+        # Shared layers reuse the last own layer of their type; the last layer must be full.
+        shared = ["sliding_attention"] * self.kv_shared_layers
+        if shared:
+            shared[-1] = "full_attention"
+        return [*self.own_layer_types, *shared]
+
+
+_FIVE_TO_ONE = ("sliding_attention",) * 5 + ("full_attention",)
+SHAPES: dict[str, TinyShape] = {
+    # The model `make run` serves (unchanged bytes): per-layer inputs, no KV sharing.
+    "default": TinyShape(
+        "default",
+        ("sliding_attention",) * 3 + ("full_attention",),
+        kv_shared_layers=0,
+        per_layer_input=True,
+        num_key_value_heads=1,
+        num_global_key_value_heads=None,
+        attention_k_eq_v=False,
+    ),
+    # E2B/E4B: 4 own layers (sliding, full, sliding, full keeps both types before the shared
+    # ones) + 2 KV-shared layers with E2B's double-wide MLP.
+    "e4b": TinyShape(
+        "e4b",
+        ("sliding_attention", "full_attention", "sliding_attention", "full_attention"),
+        kv_shared_layers=2,
+        per_layer_input=True,
+        num_key_value_heads=1,
+        num_global_key_value_heads=None,
+        attention_k_eq_v=False,
+        double_wide_mlp=True,
+    ),
+    # 31B: 5 sliding + 1 full, k_eq_v full attention with fewer global KV heads.
+    "dense": TinyShape(
+        "dense",
+        _FIVE_TO_ONE,
+        kv_shared_layers=0,
+        per_layer_input=False,
+        num_key_value_heads=2,
+        num_global_key_value_heads=1,
+        attention_k_eq_v=True,
+        bidirectional_vision=True,
+        audio=False,
+    ),
+    # 26B-A4B: as dense, plus router + experts; dense MLP narrower than hidden (2112/2816).
+    "moe": TinyShape(
+        "moe",
+        _FIVE_TO_ONE,
+        kv_shared_layers=0,
+        per_layer_input=False,
+        num_key_value_heads=2,
+        num_global_key_value_heads=1,
+        attention_k_eq_v=True,
+        intermediate_size=96,
+        moe=True,
+        bidirectional_vision=True,
+        audio=False,
+    ),
+}
+
+
+def _text_config(shape: TinyShape, kv_shared_layers: int | None) -> dict[str, Any]:
+    if kv_shared_layers is not None:
+        shape = replace(shape, kv_shared_layers=kv_shared_layers)
+    layer_types = shape.layer_types
+    config: dict[str, Any] = {
         "vocab_size": VOCAB_SIZE,
         "vocab_size_per_layer_input": VOCAB_SIZE,
         "hidden_size": 128,
-        "hidden_size_per_layer_input": 16,
-        "intermediate_size": 256,
+        "hidden_size_per_layer_input": 16 if shape.per_layer_input else 0,
+        "intermediate_size": shape.intermediate_size,
         "num_hidden_layers": len(layer_types),
         "layer_types": layer_types,
-        "num_kv_shared_layers": kv_shared_layers,
+        "num_kv_shared_layers": shape.kv_shared_layers,
         "num_attention_heads": 4,
-        "num_key_value_heads": 1,
+        "num_key_value_heads": shape.num_key_value_heads,
         "head_dim": 32,
         "global_head_dim": 64,
         "sliding_window": 64,
         "max_position_embeddings": 2048,
         "final_logit_softcapping": 30.0,
+    }
+    if shape.attention_k_eq_v:
+        config["attention_k_eq_v"] = True
+        config["num_global_key_value_heads"] = shape.num_global_key_value_heads
+    if shape.double_wide_mlp:
+        config["use_double_wide_mlp"] = True
+    if shape.moe:
+        # 128 experts, top 8, expert width 704/2816 of hidden in 26B-A4B; 8, top 2, 32 here.
+        config |= {
+            "enable_moe_block": True,
+            "num_experts": 8,
+            "top_k_experts": 2,
+            "moe_intermediate_size": 32,
+        }
+    if shape.bidirectional_vision:
+        config["use_bidirectional_attention"] = "vision"
+    return config
+
+
+def tiny_config(
+    *,
+    audio: bool = True,
+    kv_shared_layers: int | None = None,
+    token_ids: dict[str, int],
+    shape: str = "default",
+) -> Any:
+    """The `Gemma4Config` of the tiny model of one shape (`SHAPES`; sizes from ENGINE-NOTES).
+
+    `kv_shared_layers` overrides the shape's number of KV-shared layers.
+    """
+    from transformers.models.gemma4.configuration_gemma4 import Gemma4Config
+
+    text_config = {
+        **_text_config(SHAPES[shape], kv_shared_layers),
         "pad_token_id": token_ids["pad"],
         "eos_token_id": token_ids["eos"],
         "bos_token_id": token_ids["bos"],
@@ -334,26 +464,38 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def build_tiny_model(
-    out_dir: Path, *, seed: int = 0, audio: bool = True, kv_shared_layers: int = 0
+    out_dir: Path,
+    *,
+    seed: int = 0,
+    audio: bool | None = None,
+    kv_shared_layers: int | None = None,
+    shape: str = "default",
 ) -> Path:
     """Write the tiny Gemma 4 checkpoint to `out_dir` (created if needed) and return it.
 
     The weights are float32, drawn from transformers' own initialisation under `torch`'s
-    generator seeded with `seed`; the tokenizer does not depend on the seed. `audio=False`
-    leaves the audio tower out; `kv_shared_layers=N` appends N layers that reuse the KV cache
-    of earlier layers, as the real E2B/E4B checkpoints do.
+    generator seeded with `seed`; the tokenizer does not depend on the seed. `shape` picks the
+    family (`SHAPES`). `audio` overrides the shape's audio tower; `kv_shared_layers=N` sets the
+    number of layers that reuse the KV cache of earlier layers, as E2B/E4B do.
     """
     import torch
     from transformers.models.gemma4.modeling_gemma4 import Gemma4ForConditionalGeneration
 
-    if kv_shared_layers < 0:
+    if kv_shared_layers is not None and kv_shared_layers < 0:
         raise ValueError("kv_shared_layers must be >= 0")
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; one of {sorted(SHAPES)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     tokenizer = _build_tokenizer()
     token_ids = _token_ids(tokenizer)
-    config = tiny_config(audio=audio, kv_shared_layers=kv_shared_layers, token_ids=token_ids)
+    config = tiny_config(
+        audio=SHAPES[shape].audio if audio is None else audio,
+        kv_shared_layers=kv_shared_layers,
+        token_ids=token_ids,
+        shape=shape,
+    )
 
     torch.manual_seed(seed)
     model = Gemma4ForConditionalGeneration(config).eval()  # float32, torch's default dtype
@@ -371,7 +513,7 @@ def build_tiny_model(
             "pad_token_id": token_ids["pad"],
         },
     )
-    logger.info("tiny Gemma 4 written to %s (seed %d)", out_dir, seed)
+    logger.info("tiny Gemma 4 (%s) written to %s (seed %d)", shape, out_dir, seed)
     return out_dir
 
 
@@ -382,15 +524,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     parser.add_argument("--no-audio", action="store_true", help="leave the audio tower out")
     parser.add_argument(
-        "--kv-shared-layers", type=int, default=0, help="layers that reuse earlier layers' KV"
+        "--shape", choices=sorted(SHAPES), default="default", help="model family (default: default)"
+    )
+    parser.add_argument(
+        "--kv-shared-layers", type=int, default=None, help="layers that reuse earlier layers' KV"
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     build_tiny_model(
         args.out_dir,
         seed=args.seed,
-        audio=not args.no_audio,
+        audio=False if args.no_audio else None,
         kv_shared_layers=args.kv_shared_layers,
+        shape=args.shape,
     )
 
 

@@ -18,13 +18,24 @@ _applied: set[str] = set()
 
 
 def _fixes() -> dict[str, Callable[[], bool]]:
-    from server.vllm_compat import audio_gemm, gemma4_processor, lora_index, lora_pin
+    from server.vllm_compat import (
+        audio_gemm,
+        gemma4_processor,
+        lora_audio_tower,
+        lora_index,
+        lora_k_eq_v,
+        lora_moe_cpu,
+        lora_pin,
+    )
 
     return {
         "gemma4_processor": gemma4_processor.apply,
         "lora_index": lora_index.apply,
         "lora_pin": lora_pin.apply,
         "audio_gemm": audio_gemm.apply,
+        "lora_k_eq_v": lora_k_eq_v.apply,
+        "lora_moe_cpu": lora_moe_cpu.apply,
+        "lora_audio_tower": lora_audio_tower.apply,
     }
 
 
