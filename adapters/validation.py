@@ -649,24 +649,25 @@ def _tower_part_to_drop(
         return unserved, DropReason.NO_MEDIA
     if requested:
         return unserved, DropReason.REQUESTED
-    module = next(m for m in sorted(unserved) if modules[m]["lora_B"] == nonzero)
     groups = sorted({module_group(m) for m in unserved}, key=lambda g: g.value)
+    names = [g.value for g in groups]
+    where = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
     why = []
     if any(not g.is_audio for g in groups):
-        why.append("tower LoRA is off on this server")
+        why.append("tower LoRA is off")
     if any(g.is_audio for g in groups):
-        why.append("audio-tower LoRA is not served (unproven in vLLM 0.32)")
+        why.append("audio-tower LoRA is not served: unproven in vLLM 0.32")
     enable = (
         ", or start the server with --enable-tower-lora (vision tower and embed_vision)"
         if any(not g.is_audio for g in groups)
         else ""
     )
+    # The way out comes first: error messages are cut at 500 characters.
     raise InvalidAdapter(
-        f"the adapter adapts the {' and the '.join(g.value for g in groups)} with non-zero "
-        f"lora_B (e.g. tensor {_shown(nonzero)} of {module}), and {'; '.join(why)}: vLLM "
-        "would load that part and never apply it. Send drop_tower_weights=true to serve the "
-        "adapter without its tower part (exact for text requests; image and audio requests "
-        f"then get neither the base model nor the fine-tune){enable}"
+        f"the adapter's {where} part has non-zero lora_B, which this server does not apply "
+        f"({'; '.join(why)}): send drop_tower_weights=true to serve the adapter without that "
+        "part (exact for text requests; image and audio requests then get neither the base "
+        f"model nor the fine-tune){enable}. First such tensor: {_shown(nonzero)}"
     )
 
 

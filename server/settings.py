@@ -56,6 +56,11 @@ class Settings(BaseSettings):
     max_cpu_loras: int | None = Field(
         None, gt=0, description="Adapters kept in host memory (LRU); default max_loras."
     )
+    enable_tower_lora: bool = Field(
+        False,
+        description="LoRA on the vision tower and embed_vision too (vLLM's experimental "
+        "enable_tower_connector_lora); audio-tower LoRA stays refused.",
+    )
 
     # Memory and multimodal limits
     kv_cache_memory_bytes: int | None = Field(
@@ -93,6 +98,11 @@ class Settings(BaseSettings):
     max_adapter_bytes: int = Field(2**30, gt=0, description="Largest adapter weights, in bytes.")
     allow_pickle_adapters: bool = Field(
         False, description="Accept adapter_model.bin (pickle: loading it can run code)."
+    )
+    adapter_probe: bool = Field(
+        True,
+        description="After loading an adapter, compare a short greedy probe with the base "
+        "model and refuse an adapter that changes nothing.",
     )
 
     # Server
