@@ -871,3 +871,41 @@ def test_moe_router_is_a_language_model_linear(
     assert "proj" in manifest.target_modules and manifest.module_count == 17
     edit_tensors(folder, lambda t: {**t, f"{PREFIX}{router}.lora_B.weight": torch.ones(16, 4)})
     refused(folder, base, InvalidAdapter, "has shape [16, 4], expected [8, 4]")
+
+
+# Shaped like unsloth_zoo's get_peft_regex for finetune_vision_layers=False: a language branch
+# and a text-model branch (`model.layers.N...`).
+UNSLOTH_LANGUAGE_REGEX = (
+    r"(?:.*?(?:language|text).*?(?:self_attn|attention|attn|mlp|feed_forward|ffn|dense).*?"
+    r"(?:q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj).*?)|(?:\bmodel\.layers\.[\d]{1,}"
+    r"\.(?:self_attn|attention|attn|mlp|feed_forward|ffn|dense)\.(?:(?:q_proj|k_proj|v_proj|"
+    r"o_proj|gate_proj|up_proj|down_proj)))"
+)
+
+
+@pytest.mark.parametrize(
+    "prefix", ["base_model.model.model.language_model.", "base_model.model.model."]
+)
+def test_unsloth_language_only_regex(
+    copy_adapter: CopyAdapter, base: BaseModelSpec, prefix: str
+) -> None:
+    folder = copy_adapter("demo-all")
+    edit_config(
+        folder,
+        target_modules=UNSLOTH_LANGUAGE_REGEX,
+        base_model_name_or_path="unsloth/tiny-gemma4-unsloth-bnb-4bit",
+    )
+    old = "base_model.model.model.language_model."
+    edit_tensors(folder, lambda t: {k.replace(old, prefix): v for k, v in t.items()})
+    assert validate_adapter(folder, base, LIMITS).module_count == 7 * LAYER_COUNT
+
+
+def test_trl_exclude_modules_do_not_exclude_tower_children(
+    published: dict[str, Path], base: BaseModelSpec, tmp_path: Path
+) -> None:
+    """TRL's Gemma 4 example: all-linear, exclude_modules naming the towers (suffix match)."""
+    folder = _copy(published, "all-linear", tmp_path)
+    edit_config(folder, exclude_modules=["vision_tower", "audio_tower", "lm_head"])
+    refused(folder, base, InvalidAdapter, "part has non-zero lora_B")
+    manifest = validate_adapter(folder, base, LIMITS, drop_tower_weights=True)
+    assert manifest.module_count == 9 * LAYER_COUNT + 1

@@ -74,6 +74,7 @@ def root(tmp_path_factory: pytest.TempPathFactory, tiny: DefaultModel) -> Path:
         return write_demo_adapter(tiny.model_dir, out / name, spec, seed=seed, base=model)
 
     canonical = peft("language-all-linear", LANGUAGE_ALL, 11)
+    peft("peft-default", r".*language_model\..*\.(q_proj|v_proj)", 10)
     peft("per-layer-only", PER_LAYER_ONLY, 12)
     for spelling, prefix in SPELLINGS.items():
         folder = Path(shutil.copytree(canonical, out / spelling))
@@ -163,6 +164,8 @@ async def test_formerly_refused_shapes_are_served(server: LiveServer) -> None:
     # Only the names differ: the same tokens, through vLLM's own name mapping.
     for name in [*SPELLINGS, "unsloth-base-name"]:
         assert outputs[name] == outputs["language-all-linear"], name
+    assert (await _vllm_load(server, "peft-default")).status_code == 200
+    assert await _greedy(server, "peft-default") != base
     card = (await _vllm_load(server, "per-layer-only")).json()
     assert card["target_modules"] == ["per_layer_input_gate", "per_layer_projection"]
     assert await _greedy(server, "per-layer-only") != base  # vLLM applies the per-layer LoRA
