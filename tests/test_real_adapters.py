@@ -97,6 +97,9 @@ def root(tmp_path_factory: pytest.TempPathFactory, tiny: DefaultModel) -> Path:
     # Real weights, but lora_B so small that adding B @ A changes no float32 value.
     no_effect = Path(shutil.copytree(canonical, out / "no-effect"))
     _rewrite(no_effect, lambda t: {k: v * 1e-30 if "lora_B" in k else v for k, v in t.items()})
+    # A real but small effect: log-probs move by ~1e-4, the greedy tokens stay.
+    small = Path(shutil.copytree(canonical, out / "small-effect"))
+    _rewrite(small, lambda t: {k: v * 3e-4 if "lora_B" in k else v for k, v in t.items()})
     return out
 
 
@@ -105,13 +108,14 @@ def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("real-adapters-state")
 
 
-def _settings(tiny: DefaultModel, root: Path, state_dir: Path) -> Any:
+def _settings(tiny: DefaultModel, root: Path, state_dir: Path, **overrides: Any) -> Any:
     return engine_settings(
         cache_dir=tiny.model_dir.parent,
         state_dir=state_dir,
         adapter_roots=[root],
         admin_keys=[ADMIN],
         preload_dir=root / "nothing-to-preload",
+        **overrides,
     )
 
 
@@ -243,3 +247,37 @@ async def test_probe_refuses_an_adapter_that_changes_nothing(
         assert (await client.get("/v1/adapters/no-effect")).status_code == 404
         models = (await client.get("/v1/models")).json()["data"]
     assert "no-effect" not in {m["id"] for m in models}
+
+
+async def test_probe_passes_a_small_effect_and_can_be_switched_off(
+    server: LiveServer,
+    engine: VllmEngine,
+    tiny: DefaultModel,
+    root: Path,
+    tmp_path: Path,
+) -> None:
+    assert (await _vllm_load(server, "small-effect")).status_code == 200
+    settings = _settings(tiny, root, tmp_path / "state", adapter_probe=False)
+    async with live_server(settings, engine, first_adapter_id=61_000) as unprobed:
+        response = await _vllm_load(unprobed, "no-effect")
+        assert response.status_code == 200, response.text
+        assert await _greedy(unprobed, "no-effect") == await _greedy(unprobed, BASE)
+
+
+async def test_uploaded_adapter_with_a_drop_keeps_only_the_served_copy(
+    server: LiveServer, root: Path, state_dir: Path
+) -> None:
+    files = {n: (n, (root / "all-linear" / n).read_bytes()) for n in (CONFIG, WEIGHTS)}
+    async with _admin(server) as client:
+        response = await client.post(
+            "/v1/adapters",
+            data={"name": "sent-all-linear", "drop_tower_weights": "true"},
+            files=files,
+        )
+    assert response.status_code == 201, response.text
+    assert response.json()["dropped"]["reason"] == "requested"
+    assert not list((state_dir / "uploads").iterdir())  # the full upload is not kept
+    served = [p.name for p in (state_dir / "served").iterdir()]
+    assert f"sent-all-linear-{response.json()['id']}" in served
+    async with _admin(server) as client:
+        assert (await client.delete("/v1/adapters/sent-all-linear")).status_code == 200
