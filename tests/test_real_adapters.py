@@ -9,6 +9,7 @@ post-load probe refuses an adapter that changes nothing.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import shutil
@@ -281,3 +282,9 @@ async def test_uploaded_adapter_with_a_drop_keeps_only_the_served_copy(
     assert f"sent-all-linear-{response.json()['id']}" in served
     async with _admin(server) as client:
         assert (await client.delete("/v1/adapters/sent-all-linear")).status_code == 200
+    copy = state_dir / "served" / f"sent-all-linear-{response.json()['id']}"
+    for _ in range(100):  # removed once its requests have finished
+        if not copy.exists():
+            break
+        await asyncio.sleep(0.1)
+    assert not copy.exists()

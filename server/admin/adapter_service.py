@@ -300,7 +300,7 @@ class AdapterService:
         served = folder
         if manifest.drops:
             # The engine gets a copy without the tower part; the original is never changed.
-            served = self._sources.served_dir / f"{name}-{int_id}"
+            served = self._sources.served_dir.resolve() / f"{name}-{int_id}"
             await asyncio.to_thread(write_served_copy, folder, manifest, served)
         record = AdapterRecord(
             name=name,
