@@ -1,10 +1,11 @@
 """What an adapter can adapt in the served base model, read from its safetensors headers only.
 
 `BaseModelSpec.from_model_dir` lists every Linear weight of the checkpoint with its
-(in_features, out_features) and sorts modules into groups: the language model's attention and
-MLP projections (what this server adapts), the vision/audio towers and their multimodal
-embedders (adaptable only with tower LoRA), and everything else (embeddings, `lm_head`, norms,
-Gemma 4's per-layer projections), which is never adapted. No tensor data is read.
+(in_features, out_features) and sorts modules into groups: the language model's Linears (every
+one vLLM 0.32 wraps for LoRA: attention and MLP projections, E2B/E4B's per-layer projections,
+the MoE router), the vision tower and its embedder (adaptable only with tower LoRA), the audio
+tower and its embedder (not served: unproven in vLLM 0.32), and embeddings / `lm_head`, which
+are never adapted. No tensor data is read.
 """
 
 from __future__ import annotations
@@ -24,47 +25,53 @@ SHARD_INDEX = "model.safetensors.index.json"
 class ModuleGroup(enum.Enum):
     """Where a module sits in Gemma 4, which decides whether this server can adapt it."""
 
-    LANGUAGE_PROJECTION = "language-model projection"
+    LANGUAGE_MODEL = "language model"
     VISION_TOWER = "vision tower"
+    VISION_EMBEDDER = "vision embedder (embed_vision)"
     AUDIO_TOWER = "audio tower"
-    MULTIMODAL_EMBEDDER = "multimodal embedder (connector)"
+    AUDIO_EMBEDDER = "audio embedder (embed_audio)"
     EMBEDDING = "embedding or lm_head"
     OTHER = "other"
 
     @property
     def is_tower(self) -> bool:
-        """True for the towers and their connectors: adaptable only with tower LoRA."""
-        return self in _TOWER_GROUPS
+        """True for the towers and their embedders (vLLM's tower and connector modules)."""
+        return self in _VISION_GROUPS or self in _AUDIO_GROUPS
+
+    @property
+    def is_audio(self) -> bool:
+        """True for the audio tower and `embed_audio`: never adapted here (unproven in vLLM)."""
+        return self in _AUDIO_GROUPS
 
     def adaptable(self, *, tower_lora: bool) -> bool:
         """Whether a LoRA on a module of this group takes effect on this server."""
-        return self is ModuleGroup.LANGUAGE_PROJECTION or (tower_lora and self.is_tower)
+        return self is ModuleGroup.LANGUAGE_MODEL or (tower_lora and self in _VISION_GROUPS)
 
 
-_LANGUAGE_PROJECTION = re.compile(
-    r"model\.language_model\.layers\.(\d+)\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj"
-)
+_LANGUAGE_MODEL_PREFIX = "model.language_model."
+_LANGUAGE_LAYER = re.compile(r"model\.language_model\.layers\.(\d+)\.")
 # nn.Embedding weights are 2-D like Linear ones; only the name tells them apart.
 _EMBEDDING_NAME = re.compile(r"(^|\.)(lm_head|[a-z_]*embed_tokens[a-z_]*|[a-z_]*embeddings?)$")
 # Gemma 4's vision/audio towers wrap each Linear as `<name>.linear` (Gemma4ClippableLinear).
-_WRAPPED_LINEAR_SUFFIX = ".linear"
-_TOWER_GROUPS = frozenset(
-    {ModuleGroup.VISION_TOWER, ModuleGroup.AUDIO_TOWER, ModuleGroup.MULTIMODAL_EMBEDDER}
-)
+WRAPPED_LINEAR_SUFFIX = ".linear"
+_VISION_GROUPS = frozenset({ModuleGroup.VISION_TOWER, ModuleGroup.VISION_EMBEDDER})
+_AUDIO_GROUPS = frozenset({ModuleGroup.AUDIO_TOWER, ModuleGroup.AUDIO_EMBEDDER})
 _TOWER_PREFIXES = (
     ("model.vision_tower.", ModuleGroup.VISION_TOWER),
     ("model.audio_tower.", ModuleGroup.AUDIO_TOWER),
-    ("model.embed_vision.", ModuleGroup.MULTIMODAL_EMBEDDER),
-    ("model.embed_audio.", ModuleGroup.MULTIMODAL_EMBEDDER),
+    ("model.embed_vision.", ModuleGroup.VISION_EMBEDDER),
+    ("model.embed_audio.", ModuleGroup.AUDIO_EMBEDDER),
 )
+# How Unsloth names a quantised copy of the same base model (`unsloth/<name>-unsloth-bnb-4bit`).
+_QUANTISED_COPY_SUFFIXES = ("-unsloth-bnb-4bit", "-bnb-4bit")
 
 
 def module_group(module_name: str) -> ModuleGroup:
     """The group of a checkpoint module name such as `model.language_model.layers.0.mlp.up_proj`."""
-    if _LANGUAGE_PROJECTION.fullmatch(module_name):
-        return ModuleGroup.LANGUAGE_PROJECTION
     if _EMBEDDING_NAME.search(module_name):
         return ModuleGroup.EMBEDDING
+    if module_name.startswith(_LANGUAGE_MODEL_PREFIX):
+        return ModuleGroup.LANGUAGE_MODEL
     for prefix, group in _TOWER_PREFIXES:
         if module_name.startswith(prefix):
             return group
@@ -111,8 +118,8 @@ class BaseModelSpec:
             if not module_name:
                 continue
             module_names.add(module_name)
-            if module_name.endswith(_WRAPPED_LINEAR_SUFFIX):
-                module_names.add(module_name.removesuffix(_WRAPPED_LINEAR_SUFFIX))
+            if module_name.endswith(WRAPPED_LINEAR_SUFFIX):
+                module_names.add(module_name.removesuffix(WRAPPED_LINEAR_SUFFIX))
             is_linear = leaf == "weight" and len(shape) == 2
             if is_linear and module_group(module_name) is not ModuleGroup.EMBEDDING:
                 linear[module_name] = LinearShape(in_features=shape[1], out_features=shape[0])
@@ -143,16 +150,27 @@ class BaseModelSpec:
     def language_layer_count(self) -> int:
         """How many decoder layers hold adaptable projections."""
         layers = {
-            match.group(1)
-            for name in self.linear_modules
-            if (match := _LANGUAGE_PROJECTION.fullmatch(name))
+            match.group(1) for name in self.linear_modules if (match := _LANGUAGE_LAYER.match(name))
         }
         return len(layers)
 
     def accepted_base_names(self) -> tuple[str, ...]:
         """Names an adapter's `base_model_name_or_path` may carry for this model, lower case."""
         candidates = (self.served_name, self.model_folder_name, self.name_or_path)
-        return tuple(dict.fromkeys(last_path_component(c).lower() for c in candidates if c))
+        return tuple(dict.fromkeys(base_name_key(c) for c in candidates if c))
+
+
+def base_name_key(name_or_path: str) -> str:
+    """What two names of one base model share: last path component, lower case, no quant suffix.
+
+    `unsloth/gemma-4-E4B-it-unsloth-bnb-4bit`, `google/gemma-4-e4b-it` and `gemma-4-E4B-it` give
+    the same key; another family or size does not.
+    """
+    key = last_path_component(name_or_path).lower()
+    for suffix in _QUANTISED_COPY_SUFFIXES:
+        if key.endswith(suffix):
+            return key.removesuffix(suffix)
+    return key
 
 
 def last_path_component(name_or_path: str) -> str:

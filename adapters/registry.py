@@ -32,6 +32,8 @@ class AdapterRecord:
     loaded_at: float = field(default_factory=time.time)
     last_used: float | None = None
     request_count: int = 0
+    dropped_modules: list[str] = field(default_factory=list)  # tower part not served
+    drop_reason: str | None = None  # adapters.validation.DropReason value
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,14 +1,19 @@
 """Check a PEFT LoRA adapter folder against the served base model before the engine sees it.
 
 vLLM 0.32 accepts many broken adapters silently: weights under a module prefix it does not
-know, targets it does not adapt (the vision tower without tower LoRA) and all-zero `lora_B`
-all load and change nothing. `validate_adapter` refuses each of those with a message a client
-can act on, reading only the safetensors header plus the `lora_B` tensors it needs to prove
-that the adapter does something. Messages never hold file-system paths.
+map, targets it does not adapt (the vision tower without tower LoRA) and all-zero `lora_B`
+all load and change nothing. `validate_adapter` reads tensor names the way vLLM does (every
+spelling its Gemma 4 mapper serves is accepted, see `adapters.names`), checks them against the
+checkpoint's real shapes, and refuses what would be ignored or half-applied with a message a
+client can act on. A tower part the server does not apply is dropped only when that is exact
+(all its `lora_B` zero, or no media accepted) or when the client asks (`drop_tower_weights`);
+`write_served_copy` then writes the weights without it. Only the safetensors header and the
+`lora_B` tensors needed are read. Messages never hold file-system paths.
 """
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import math
@@ -19,14 +24,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapters.base_model import (
+    WRAPPED_LINEAR_SUFFIX,
     BaseModelSpec,
     LinearShape,
     ModuleGroup,
+    base_name_key,
     last_path_component,
     module_group,
     module_kind,
 )
 from adapters.errors import AdapterNotFound, AdapterTooLarge, InvalidAdapter
+from adapters.names import PEFT_PREFIX, checkpoint_module
 
 if TYPE_CHECKING:
     import torch
@@ -34,17 +42,15 @@ if TYPE_CHECKING:
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
 PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt")
-PEFT_PREFIX = "base_model.model."
 MAX_CONFIG_BYTES = 1 << 20
 _HASH_CHUNK_BYTES = 1 << 20
 _FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})  # safetensors' dtype names
 _REGEX_TIMEOUT_SECONDS = 0.1
 _MAX_SHOWN_CHARS = 200  # room for a full tensor name
 
+_LAYER_INDEX = re.compile(r"model\.language_model\.layers\.\d+\.")
 _LORA_TENSOR = re.compile(r"(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight")
-_LANGUAGE_TARGETS_REGEX = (
-    r".*language_model\.layers\.\d+\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj"
-)
+_LANGUAGE_TARGETS_REGEX = r".*language_model\..*"
 # PEFT inits that only set the starting weights: the saved adapter is plain LoRA (vLLM's list).
 _PLAIN_LORA_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
 # Config switches for PEFT features that vLLM 0.32 refuses or ignores, with the reason.
@@ -74,7 +80,30 @@ class ValidationLimits:
     max_rank: int  # the engine's max_lora_rank
     max_adapter_bytes: int
     allow_pickle: bool = False  # accept adapter_model.bin, read with torch.load(weights_only=True)
-    tower_lora: bool = False  # the engine adapts the vision/audio towers and their embedders
+    tower_lora: bool = False  # the engine adapts the vision tower and embed_vision
+    accepts_media: bool = True  # some request may carry an image or audio (the towers run)
+
+
+class DropReason(enum.StrEnum):
+    """Why a tower part of an adapter is not served; `meaning` says what requests get."""
+
+    ZERO = "zero_lora_b"
+    NO_MEDIA = "no_media"
+    REQUESTED = "requested"
+
+    @property
+    def meaning(self) -> str:
+        return _DROP_MEANINGS[self]
+
+
+_DROP_MEANINGS = {
+    DropReason.ZERO: "every lora_B of the dropped part is zero: exact for every request",
+    DropReason.NO_MEDIA: "this server accepts no images or audio: exact for every request",
+    DropReason.REQUESTED: (
+        "dropped on request (drop_tower_weights): exact for text requests; image and audio "
+        "requests get neither the base model nor the fine-tune"
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -89,6 +118,15 @@ class AdapterManifest:
     weights_bytes: int
     sha256: str  # of the weights file
     base_model_name_or_path: str  # as the adapter declares it; "" when it does not
+    dropped_modules: tuple[str, ...] = ()  # checkpoint names of the tower modules not served
+    dropped_tensors: tuple[str, ...] = ()  # their tensors, as named in the weights file
+    drop_reason: DropReason | None = None
+    serves_towers: bool = False  # some served module is in the vision tower or embed_vision
+
+    @property
+    def drops(self) -> bool:
+        """Whether the engine must get a copy of the weights without `dropped_tensors`."""
+        return bool(self.dropped_tensors)
 
 
 def validate_adapter(
@@ -97,11 +135,15 @@ def validate_adapter(
     limits: ValidationLimits,
     *,
     allow_base_mismatch: bool = False,
+    drop_tower_weights: bool = False,
 ) -> AdapterManifest:
     """Check the adapter in `folder` against `base` and `limits`; return its manifest.
 
-    Raises AdapterNotFound when the folder does not exist, AdapterTooLarge when the weights
-    file exceeds `limits.max_adapter_bytes`, and InvalidAdapter for every other defect.
+    A tower part the server does not apply is dropped (listed in the manifest) when all its
+    `lora_B` are zero, when `limits.accepts_media` is off, or with `drop_tower_weights`;
+    otherwise it is refused. Raises AdapterNotFound when the folder does not exist,
+    AdapterTooLarge when the weights file exceeds `limits.max_adapter_bytes`, and
+    InvalidAdapter for every other defect.
     """
     folder = Path(folder)
     if not folder.exists():
@@ -126,19 +168,25 @@ def validate_adapter(
             f"{limits.max_adapter_bytes:,} bytes"
         )
     weights = _TensorFile.open(weights_path)
-    modules = _check_tensors(weights, base, limits, is_targeted)
+    modules = _check_tensors(weights, base, is_targeted)
     _check_shapes(modules, base, weights, config["r"], rank_pattern)
-    _check_lora_b_not_all_zero(weights, modules)
+    dropped, reason = _tower_part_to_drop(weights, modules, limits, drop_tower_weights)
+    served = {m: parts for m, parts in modules.items() if m not in dropped}
+    _check_lora_b_not_all_zero(weights, served, dropped=bool(dropped))
 
     return AdapterManifest(
         rank=rank,
         lora_alpha=lora_alpha,
-        target_modules=sorted({module_kind(m) for m in modules}),
-        module_count=len(modules),
+        target_modules=sorted({module_kind(m) for m in served}),
+        module_count=len(served),
         weights_file=weights_path.name,
         weights_bytes=weights_bytes,
         sha256=_sha256(weights_path),
         base_model_name_or_path=declared_base,
+        dropped_modules=tuple(sorted(dropped)),
+        dropped_tensors=tuple(sorted(t for m in dropped for t in modules[m].values())),
+        drop_reason=reason,
+        serves_towers=any(module_group(m).is_tower for m in served),
     )
 
 
@@ -237,7 +285,8 @@ def _check_base_model(config: dict[str, Any], base: BaseModelSpec, allow_mismatc
         raise InvalidAdapter("base_model_name_or_path must be a string")
     # Only the last component: it may be a path on the training machine, never to be echoed.
     trained_for = last_path_component(declared)
-    if trained_for and not allow_mismatch and trained_for.lower() not in base.accepted_base_names():
+    accepted = base.accepted_base_names()
+    if trained_for and not allow_mismatch and base_name_key(trained_for) not in accepted:
         raise InvalidAdapter(
             f"adapter was trained for {_shown(trained_for)}, this server serves "
             f"{_shown(base.served_name)}; pass allow_base_mismatch to load it anyway"
@@ -276,6 +325,14 @@ def _module_matcher(value: object, field: str) -> Callable[[str], bool]:
     raise InvalidAdapter(f"{field} must be a non-empty list of module names or a regex string")
 
 
+def _spellings(module: str) -> tuple[str, ...]:
+    """A checkpoint module's name as adapters trained on other Gemma 4 classes spell it."""
+    if module.startswith("model.language_model."):
+        rest = module.removeprefix("model.language_model.")
+        return (module, f"language_model.model.{rest}", f"model.{rest}")
+    return (module, module.removeprefix("model."))
+
+
 def _check_target_modules(
     config: dict[str, Any], base: BaseModelSpec, limits: ValidationLimits
 ) -> Callable[[str], bool]:
@@ -284,7 +341,8 @@ def _check_target_modules(
     if targets is None:
         raise InvalidAdapter(f"{CONFIG_FILE} has no target_modules")
     if targets == "all-linear":  # PEFT's shorthand: every Linear but the output layer
-        matches_target: Callable[[str], bool] = base.linear_modules.__contains__
+        linear_names = {s for m in base.linear_modules for s in _spellings(m)}
+        matches_target: Callable[[str], bool] = linear_names.__contains__
     else:
         matches_target = _module_matcher(targets, "target_modules")
     excluded = config.get("exclude_modules")
@@ -293,7 +351,7 @@ def _check_target_modules(
     def is_targeted(name: str) -> bool:
         return matches_target(name) and not (matches_excluded and matches_excluded(name))
 
-    targeted = sorted(n for n in base.module_names if is_targeted(n))
+    targeted = sorted(n for n in base.module_names if any(map(is_targeted, _spellings(n))))
     if not targeted:
         raise InvalidAdapter(
             f"target_modules {_shown(targets)} matches no module of the base model; "
@@ -303,7 +361,8 @@ def _check_target_modules(
     if embeddings:
         raise InvalidAdapter(
             f"target_modules names {_names(module_kind(n) for n in embeddings)}; vLLM 0.32 "
-            "serves LoRA on the language model's projections only, not on lm_head or embeddings"
+            "serves LoRA on the language model's Linear layers only, not on lm_head or "
+            "embeddings"
         )
     # A list such as ["q_proj"] also matches the towers' wrapper modules, which PEFT cannot
     # adapt; the weights decide whether such an adapter touches a tower.
@@ -314,19 +373,24 @@ def _check_target_modules(
 
 def _not_adaptable_message(subject: str, modules: list[str], limits: ValidationLimits) -> str:
     groups = sorted({module_group(m) for m in modules}, key=lambda g: g.value)
-    towers = [g for g in groups if g.is_tower]
-    if towers and not limits.tower_lora:
+    towers = [g for g in groups if g.is_tower and not g.adaptable(tower_lora=limits.tower_lora)]
+    if towers:
         where = " and the ".join(g.value for g in towers)
-        example = next(m for m in modules if module_group(m).is_tower)
+        example = next(m for m in modules if module_group(m) in towers)
+        way_out = (
+            "audio-tower LoRA is not served (unproven in vLLM 0.32)"
+            if all(g.is_audio for g in towers)
+            else "start the server with --enable-tower-lora for the vision tower"
+        )
         return (
             f"{subject} targets the {where} (e.g. {example}), which this server does not adapt; "
-            "enable tower LoRA on the server, or target the language model only "
-            f'(e.g. target_modules="{_LANGUAGE_TARGETS_REGEX}")'
+            f"{way_out}, or target the language model (e.g. "
+            f'target_modules="{_LANGUAGE_TARGETS_REGEX}")'
         )
     return (
         f"{subject} targets {modules[0]}, which this server does not adapt: it adapts the "
-        "language model's q/k/v/o/gate/up/down projections"
-        + (" and the vision/audio towers" if limits.tower_lora else "")
+        "language model's Linear layers"
+        + (", the vision tower and embed_vision" if limits.tower_lora else "")
     )
 
 
@@ -415,19 +479,20 @@ def _weights_path(folder: Path, limits: ValidationLimits) -> Path:
 
 
 def _expected_tensor_name(base: BaseModelSpec) -> str:
-    modules = sorted(base.modules_in(ModuleGroup.LANGUAGE_PROJECTION))
+    modules = sorted(base.modules_in(ModuleGroup.LANGUAGE_MODEL))
     preferred = [m for m in modules if m.endswith("layers.0.self_attn.q_proj")]
     module = (preferred or modules or ["model.language_model.layers.0.self_attn.q_proj"])[0]
     return f"{PEFT_PREFIX}{module}.lora_A.weight"
 
 
 def _check_tensors(
-    weights: _TensorFile,
-    base: BaseModelSpec,
-    limits: ValidationLimits,
-    is_targeted: Callable[[str], bool],
+    weights: _TensorFile, base: BaseModelSpec, is_targeted: Callable[[str], bool]
 ) -> dict[str, dict[str, str]]:
-    """Map every tensor to its base module; return module -> {"lora_A"/"lora_B": tensor name}."""
+    """Map every tensor to its checkpoint module: module -> {"lora_A"/"lora_B": tensor name}.
+
+    Names are read as vLLM reads them (`adapters.names`), so every spelling it serves maps to
+    the same checkpoint module; a name vLLM would load and never apply is refused.
+    """
     if not weights.infos:
         raise InvalidAdapter(f"{weights.name} holds no tensors")
     expected = _expected_tensor_name(base)
@@ -440,35 +505,44 @@ def _check_tensors(
         if "lora_embedding_A" in name or "lora_embedding_B" in name:
             raise InvalidAdapter(
                 f"tensor {_shown(name)} adapts an embedding; vLLM 0.32 serves LoRA on the "
-                "language model's projections only"
+                "language model's Linear layers only"
             )
-        match = _LORA_TENSOR.fullmatch(name.removeprefix(PEFT_PREFIX))
-        if not name.startswith(PEFT_PREFIX) or match is None:
+        match = _LORA_TENSOR.fullmatch(name)
+        if match is None:
             raise InvalidAdapter(
                 f"tensor {_shown(name)} is not a PEFT LoRA weight; expected names like {expected!r}"
             )
-        module = match.group("module")
+        own_name = match.group("module").removeprefix(PEFT_PREFIX)  # PEFT's module name
+        module = checkpoint_module(own_name)
+        if module is None:
+            raise InvalidAdapter(_ignored_name_message(name, own_name, expected))
         group = module_group(module)
         if group is ModuleGroup.EMBEDDING:
             raise InvalidAdapter(
                 f"tensor {_shown(name)} adapts {module_kind(module)}; vLLM 0.32 serves LoRA on "
-                "the language model's projections only, not on lm_head or embeddings"
+                "the language model's Linear layers only, not on lm_head or embeddings"
             )
-        # A tower tensor gets the tower message even if its module name is off.
-        if group.is_tower and not limits.tower_lora:
-            raise InvalidAdapter(_not_adaptable_message(f"tensor {_shown(name)}", [module], limits))
         if module not in base.linear_modules:
             raise InvalidAdapter(_unknown_module_message(name, module, group, base, expected))
-        if not group.adaptable(tower_lora=limits.tower_lora):
-            raise InvalidAdapter(_not_adaptable_message(f"tensor {_shown(name)}", [module], limits))
-        if not is_targeted(module):
+        if group is ModuleGroup.OTHER:
+            raise InvalidAdapter(
+                f"tensor {_shown(name)} adapts {module}, which this server does not adapt"
+            )
+        if not (is_targeted(own_name) or is_targeted(module)):
             raise InvalidAdapter(
                 f"tensor {_shown(name)} adapts {module}, which target_modules does not name; "
                 "PEFT would ignore it while vLLM applies it"
             )
         if not weights.infos[name].is_float:
             raise InvalidAdapter(f"tensor {_shown(name)} is not a floating-point tensor")
-        modules.setdefault(module, {})[match.group("part")] = name
+        parts = modules.setdefault(module, {})
+        part = match.group("part")
+        if part in parts:
+            raise InvalidAdapter(
+                f"tensors {_shown(parts[part])} and {_shown(name)} are both the {part} of "
+                f"{module} (two spellings of one module)"
+            )
+        parts[part] = name
     for module, parts in modules.items():
         for part, other in (("lora_A", "lora_B"), ("lora_B", "lora_A")):
             if part not in parts:
@@ -476,18 +550,45 @@ def _check_tensors(
     return modules
 
 
+def _ignored_name_message(name: str, own_name: str, expected: str) -> str:
+    if own_name.startswith("language_model.layers.") or own_name.startswith(
+        "language_model.per_layer"
+    ):
+        # PEFT on Gemma4Model (no `model.` level): vLLM maps it to no module.
+        return (
+            f"tensor {_shown(name)} is named after Gemma4Model (language_model.layers...); vLLM "
+            f"0.32 would load it and never apply it; rename it like {expected!r} (insert "
+            "`model.` before `language_model`)"
+        )
+    return (
+        f"tensor {_shown(name)} names no module of the base model; vLLM 0.32 would load it and "
+        f"never apply it; expected names like {expected!r}: was the adapter saved with another "
+        "module prefix?"
+    )
+
+
 def _unknown_module_message(
     name: str, module: str, group: ModuleGroup, base: BaseModelSpec, expected: str
 ) -> str:
-    if group is ModuleGroup.LANGUAGE_PROJECTION:
+    wrapped = module + WRAPPED_LINEAR_SUFFIX
+    if group.is_tower and wrapped in base.linear_modules:
+        return (
+            f"tensor {_shown(name)} names the Gemma4ClippableLinear wrapper {module}; vLLM 0.32 "
+            f"would load it and never apply it; the Linear inside is {wrapped} (tensor names "
+            f"like '{PEFT_PREFIX}{wrapped}.lora_A.weight')"
+        )
+    if group is ModuleGroup.LANGUAGE_MODEL and module in base.module_names:
+        return f"tensor {_shown(name)} adapts {module}, which is not a Linear layer"
+    if group is ModuleGroup.LANGUAGE_MODEL and _LAYER_INDEX.match(module):
         return (
             f"tensor {_shown(name)} adapts {module}, which the base model does not have (its "
             f"language model has {base.language_layer_count} layers); was it trained for "
             "another model?"
         )
     return (
-        f"tensor {_shown(name)} names no module of the base model; expected names like "
-        f"{expected!r}: was the adapter saved with another module prefix?"
+        f"tensor {_shown(name)} names no module of the base model; vLLM 0.32 would load it and "
+        f"never apply it; expected names like {expected!r}: was the adapter saved with another "
+        "module prefix?"
     )
 
 
@@ -523,14 +624,86 @@ def _check_shapes(
                 )
 
 
-def _check_lora_b_not_all_zero(weights: _TensorFile, modules: dict[str, dict[str, str]]) -> None:
+def _tower_part_to_drop(
+    weights: _TensorFile,
+    modules: dict[str, dict[str, str]],
+    limits: ValidationLimits,
+    requested: bool,
+) -> tuple[set[str], DropReason | None]:
+    """The tower modules this server does not apply, and why dropping them is allowed.
+
+    vLLM would load such a part and never apply it: an adapter half-applied in silence. It is
+    dropped when that is exact, or when the client asks; otherwise the adapter is refused.
+    """
+    unserved = {m for m in modules if not module_group(m).adaptable(tower_lora=limits.tower_lora)}
+    if not unserved:
+        return set(), None
+    b_names = [modules[m]["lora_B"] for m in sorted(unserved)]
+    nonzero = next(
+        (n for n, t in zip(b_names, weights.tensors(b_names), strict=True) if bool(t.any())),
+        None,
+    )
+    if nonzero is None:
+        return unserved, DropReason.ZERO
+    if not limits.accepts_media:
+        return unserved, DropReason.NO_MEDIA
+    if requested:
+        return unserved, DropReason.REQUESTED
+    groups = sorted({module_group(m) for m in unserved}, key=lambda g: g.value)
+    names = [g.value for g in groups]
+    where = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    why = []
+    if any(not g.is_audio for g in groups):
+        why.append("tower LoRA is off")
+    if any(g.is_audio for g in groups):
+        why.append("audio-tower LoRA is not served: unproven in vLLM 0.32")
+    enable = (
+        ", or start the server with --enable-tower-lora (vision tower and embed_vision)"
+        if any(not g.is_audio for g in groups)
+        else ""
+    )
+    # The way out comes first: error messages are cut at 500 characters.
+    raise InvalidAdapter(
+        f"the adapter's {where} part has non-zero lora_B, which this server does not apply "
+        f"({'; '.join(why)}): send drop_tower_weights=true to serve the adapter without that "
+        "part (exact for text requests; image and audio requests then get neither the base "
+        f"model nor the fine-tune){enable}. First such tensor: {_shown(nonzero)}"
+    )
+
+
+def _check_lora_b_not_all_zero(
+    weights: _TensorFile, modules: dict[str, dict[str, str]], *, dropped: bool
+) -> None:
+    if not modules:
+        raise InvalidAdapter(
+            "without its tower part the adapter adapts nothing this server applies"
+        )
     # Stops at the first non-zero lora_B, so a working adapter costs one tensor read.
     b_names = [parts["lora_B"] for _, parts in sorted(modules.items())]
     if not any(bool(tensor.any()) for tensor in weights.tensors(b_names)):
         raise InvalidAdapter(
-            "every lora_B is all zeros (as PEFT initialises them), so the adapter would not "
-            "change the model; was it saved before training?"
+            "every lora_B"
+            + (" outside the dropped tower part" if dropped else "")
+            + " is all zeros (as PEFT initialises them), so the adapter would not change the "
+            "model; was it saved before training?"
         )
+
+
+def write_served_copy(folder: Path, manifest: AdapterManifest, dest: Path) -> Path:
+    """Write the adapter in `folder` without `manifest.dropped_tensors` to `dest`; return it.
+
+    The original is never modified; the copy is always safetensors (also for a pickle
+    original, read with weights_only) and its config is the original's.
+    """
+    from safetensors.torch import save_file
+
+    weights = _TensorFile.open(folder / manifest.weights_file)
+    kept = sorted(set(weights.infos) - set(manifest.dropped_tensors))
+    tensors = {name: t.contiguous() for name, t in zip(kept, weights.tensors(kept), strict=True)}
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / CONFIG_FILE).write_bytes((folder / CONFIG_FILE).read_bytes())
+    save_file(tensors, str(dest / SAFETENSORS_FILE), metadata={"format": "pt"})
+    return dest
 
 
 # --- helpers -----------------------------------------------------------------------------

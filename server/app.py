@@ -176,13 +176,18 @@ async def _start_adapter_services(
             max_rank=settings.max_lora_rank,
             max_adapter_bytes=settings.max_adapter_bytes,
             allow_pickle=settings.allow_pickle_adapters,
+            tower_lora=settings.enable_tower_lora,
+            accepts_media=settings.max_images_per_prompt > 0 or settings.max_audios_per_prompt > 0,
         ),
         AdapterSources(
-            roots=[root.resolve() for root in settings.adapter_roots], upload_dir=upload_dir
+            roots=[root.resolve() for root in settings.adapter_roots],
+            upload_dir=upload_dir,
+            served_dir=settings.state_dir / "served",
         ),
         metrics,
         # vLLM keeps max_cpu_loras adapters in host memory, max_loras when unset.
         host_cache_size=settings.max_cpu_loras or settings.max_loras,
+        probe=settings.adapter_probe,
     )
     await adapters.restore()
     engine.restore_adapters_with(adapters.restore_into_new_engine)

@@ -68,7 +68,8 @@ class Settings(BaseSettings):
         False,
         description="Apply adapters' vision-tower, patch-embedder and embed_vision LoRA "
         "(vLLM's experimental enable_tower_connector_lora: every image padded to the largest "
-        "patch count, no encoder chunking, encoder cache per adapter).",
+        "patch count, no encoder chunking, encoder cache per adapter); audio-tower LoRA stays "
+        "refused.",
     )
 
     # Memory and multimodal limits
@@ -107,6 +108,11 @@ class Settings(BaseSettings):
     max_adapter_bytes: int = Field(2**30, gt=0, description="Largest adapter weights, in bytes.")
     allow_pickle_adapters: bool = Field(
         False, description="Accept adapter_model.bin (pickle: loading it can run code)."
+    )
+    adapter_probe: bool = Field(
+        True,
+        description="After loading an adapter, compare a short greedy probe with the base "
+        "model and refuse an adapter that changes nothing.",
     )
 
     # Server

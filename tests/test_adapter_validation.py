@@ -18,8 +18,15 @@ from safetensors.torch import load_file, save_file
 
 from adapters.base_model import BaseModelSpec, ModuleGroup, module_group
 from adapters.errors import AdapterError, AdapterNotFound, AdapterTooLarge, InvalidAdapter
-from adapters.validation import AdapterManifest, ValidationLimits, validate_adapter
+from adapters.validation import (
+    AdapterManifest,
+    DropReason,
+    ValidationLimits,
+    validate_adapter,
+    write_served_copy,
+)
 from server.testbed.default_model import DefaultModel
+from server.testbed.demo_adapters import DemoAdapterSpec, load_base_model, write_demo_adapter
 
 SERVED_NAME = "tiny-gemma4"
 LIMITS = ValidationLimits(max_rank=16, max_adapter_bytes=10 * 2**20)
@@ -36,6 +43,7 @@ KINDS = tuple(BLOCK_OF_KIND)
 LAYER_COUNT = 4
 PREFIX = "base_model.model."
 VISION_Q = "model.vision_tower.encoder.layers.0.self_attn.q_proj.linear"
+PER_LAYER_MODEL_PROJECTION = "model.language_model.per_layer_model_projection"
 LIMITS_RANK_8 = ValidationLimits(max_rank=8, max_adapter_bytes=LIMITS.max_adapter_bytes)
 _DELETE = object()  # edit_config: remove the key
 
@@ -101,13 +109,17 @@ def test_base_model_lists_every_projection_with_checkpoint_shapes(
 ) -> None:
     with safe_open(str(tiny.model_dir / "model.safetensors"), framework="pt") as f:
         file_shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
-    projections = base.modules_in(ModuleGroup.LANGUAGE_PROJECTION)
+    projections = base.modules_in(ModuleGroup.LANGUAGE_MODEL)
     expected_names = {
         f"model.language_model.layers.{layer}.{block}.{kind}"
         for layer in range(LAYER_COUNT)
         for kind, block in BLOCK_OF_KIND.items()
+    } | {
+        f"model.language_model.layers.{layer}.{kind}"
+        for layer in range(LAYER_COUNT)
+        for kind in ("per_layer_input_gate", "per_layer_projection")
     }
-    assert set(projections) == expected_names
+    assert set(projections) == expected_names | {PER_LAYER_MODEL_PROJECTION}
     for name, shape in projections.items():
         out_features, in_features = file_shapes[f"{name}.weight"]
         assert (shape.in_features, shape.out_features) == (in_features, out_features)
@@ -125,12 +137,15 @@ def test_base_model_groups_towers_and_never_adapts_embeddings(base: BaseModelSpe
     assert module_group("model.embed_vision.embedding_projection").is_tower
     assert base.modules_in(ModuleGroup.AUDIO_TOWER)
     with_towers = base.adaptable_modules(tower_lora=True)
-    assert VISION_Q in with_towers and "model.embed_audio.embedding_projection" in with_towers
+    assert VISION_Q in with_towers and "model.embed_vision.embedding_projection" in with_towers
+    assert "model.embed_audio.embedding_projection" not in with_towers
     assert "model.language_model.embed_tokens" not in base.linear_modules
     assert module_group("model.language_model.embed_tokens") is ModuleGroup.EMBEDDING
     assert module_group("lm_head") is ModuleGroup.EMBEDDING
     gate = "model.language_model.layers.0.per_layer_input_gate"
-    assert gate in base.linear_modules and module_group(gate) is ModuleGroup.OTHER
+    assert gate in base.linear_modules and module_group(gate) is ModuleGroup.LANGUAGE_MODEL
+    assert module_group("model.embed_audio.embedding_projection") is ModuleGroup.AUDIO_EMBEDDER
+    assert not ModuleGroup.AUDIO_TOWER.adaptable(tower_lora=True)
 
 
 def test_base_model_reads_a_sharded_checkpoint(
@@ -322,7 +337,7 @@ def test_targets_only_the_vision_tower(copy_adapter: CopyAdapter, base: BaseMode
     folder = copy_adapter()
     edit_config(folder, target_modules=r".*vision_tower.*\.(q|k|v|o)_proj")
     message = refused(folder, base, InvalidAdapter, "targets the vision tower")
-    assert "which this server does not adapt; enable tower LoRA" in message
+    assert "which this server does not adapt; start the server with --enable-tower-lora" in message
 
 
 def _add_vision_lora(tensors: Tensors, rank: int = 4) -> Tensors:
@@ -336,16 +351,27 @@ def _add_vision_lora(tensors: Tensors, rank: int = 4) -> Tensors:
     }
 
 
-def test_vision_tower_weights_need_tower_lora(
+def test_vision_tower_weights_need_tower_lora_or_a_drop(
     copy_adapter: CopyAdapter, base: BaseModelSpec
 ) -> None:
     folder = copy_adapter()
     edit_config(folder, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "linear"])
     edit_tensors(folder, _add_vision_lora)
-    message = refused(folder, base, InvalidAdapter, "targets the vision tower")
-    assert "enable tower LoRA" in message and VISION_Q in message
+    message = refused(folder, base, InvalidAdapter, "vision tower part has non-zero lora_B")
+    assert "send drop_tower_weights=true" in message.lower() and VISION_Q in message
+    assert "--enable-tower-lora" in message
     with_towers = ValidationLimits(max_rank=16, max_adapter_bytes=2**24, tower_lora=True)
-    assert validate_adapter(folder, base, with_towers).module_count == 17
+    manifest = validate_adapter(folder, base, with_towers)
+    assert manifest.module_count == 17 and manifest.serves_towers and not manifest.drops
+    dropped = validate_adapter(folder, base, LIMITS, drop_tower_weights=True)
+    assert dropped.module_count == 16 and dropped.dropped_modules == (VISION_Q,)
+    assert dropped.drop_reason is DropReason.REQUESTED and not dropped.serves_towers
+    assert dropped.dropped_tensors == (
+        f"{PREFIX}{VISION_Q}.lora_A.weight",
+        f"{PREFIX}{VISION_Q}.lora_B.weight",
+    )
+    no_media = ValidationLimits(max_rank=16, max_adapter_bytes=2**24, accepts_media=False)
+    assert validate_adapter(folder, base, no_media).drop_reason is DropReason.NO_MEDIA
 
 
 @pytest.mark.parametrize("target", ["lm_head", "embed_tokens"])
@@ -369,14 +395,6 @@ def test_embedding_lora_tensors(copy_adapter: CopyAdapter, base: BaseModelSpec) 
     module = f"{PREFIX}model.language_model.embed_tokens"
     edit_tensors(folder, lambda t: {**t, f"{module}.lora_embedding_A": torch.ones(4, 4096)})
     refused(folder, base, InvalidAdapter, "adapts an embedding")
-
-
-def test_targets_a_language_model_linear_that_is_not_a_projection(
-    copy_adapter: CopyAdapter, base: BaseModelSpec
-) -> None:
-    folder = copy_adapter()
-    edit_config(folder, target_modules=["per_layer_input_gate"])
-    refused(folder, base, InvalidAdapter, "which this server does not adapt")
 
 
 def test_tensor_that_target_modules_does_not_name(
@@ -468,28 +486,25 @@ def test_unknown_tensor_name(copy_adapter: CopyAdapter, base: BaseModelSpec) -> 
     refused(folder, base, InvalidAdapter, "lora_A.default.weight' is not a PEFT LoRA weight")
 
 
-def test_tensor_without_peft_prefix(copy_adapter: CopyAdapter, base: BaseModelSpec) -> None:
-    folder = copy_adapter()
-    edit_tensors(folder, lambda t: {k.removeprefix(PREFIX): v for k, v in t.items()})
-    refused(folder, base, InvalidAdapter, "is not a PEFT LoRA weight; expected names like")
-
-
 @pytest.mark.parametrize(
-    ("replace", "offending"),
+    ("offending", "phrase"),
     [
-        ("model.language_model.", "model."),  # saved from a text-only model class
-        ("model.language_model.", "language_model."),
-        ("model.language_model.", "model.model.language_model."),
+        # PEFT on Gemma4Model: vLLM maps it to no module and never applies it.
+        ("language_model.", "is named after Gemma4Model (language_model.layers...)"),
+        ("model.model.language_model.", "names no module of the base model"),
+        ("model.text_model.", "names no module of the base model"),
     ],
 )
-def test_module_prefix_the_base_model_lacks(
-    copy_adapter: CopyAdapter, base: BaseModelSpec, replace: str, offending: str
+def test_module_prefix_vllm_would_ignore(
+    copy_adapter: CopyAdapter, base: BaseModelSpec, offending: str, phrase: str
 ) -> None:
-    """The real-world "loads and does nothing" bug: weights under a prefix the model lacks."""
+    """The real-world "loads and does nothing" bug: weights under a prefix vLLM does not map."""
     folder = copy_adapter()
+    replace = "model.language_model."
     edit_tensors(folder, lambda t: {k.replace(replace, offending): v for k, v in t.items()})
-    message = refused(folder, base, InvalidAdapter, "names no module of the base model")
+    message = refused(folder, base, InvalidAdapter, phrase)
     assert f"'{PREFIX}{offending}layers.0.self_attn.k_proj.lora_A.weight'" in message
+    assert "would load it and never apply it" in message
     expected = f"'{PREFIX}model.language_model.layers.0.self_attn.q_proj.lora_A.weight'"
     assert expected in message
 
@@ -562,3 +577,335 @@ def test_base_model_name_accepted(
     folder = copy_adapter()
     edit_config(folder, base_model_name_or_path=declared)
     validate_adapter(folder, base, LIMITS)
+
+
+@pytest.mark.parametrize(
+    "declared",
+    [
+        "unsloth/tiny-gemma4",
+        "unsloth/tiny-gemma4-unsloth-bnb-4bit",
+        "unsloth/TINY-GEMMA4-bnb-4bit",
+        "google/Tiny-Gemma4",
+    ],
+)
+def test_base_model_aliases_of_the_same_model(
+    copy_adapter: CopyAdapter, base: BaseModelSpec, declared: str
+) -> None:
+    folder = copy_adapter()
+    edit_config(folder, base_model_name_or_path=declared)
+    validate_adapter(folder, base, LIMITS)
+
+
+@pytest.mark.parametrize(
+    "declared",
+    ["unsloth/tiny-gemma3-unsloth-bnb-4bit", "unsloth/tiny-gemma4-2b-bnb-4bit", "tiny-gemma4-it"],
+)
+def test_base_model_aliases_go_no_further(
+    copy_adapter: CopyAdapter, base: BaseModelSpec, declared: str
+) -> None:
+    folder = copy_adapter()
+    edit_config(folder, base_model_name_or_path=declared)
+    refused(folder, base, InvalidAdapter, "pass allow_base_mismatch")
+
+
+# --- names: every spelling vLLM serves, checked against vLLM's own mapper --------------------
+
+SPELLINGS = {
+    "canonical": (
+        "base_model.model.model.language_model.",
+        "base_model.model.model.language_model.",
+    ),
+    "language_model.model": (
+        "base_model.model.model.language_model.",
+        "base_model.model.language_model.model.",
+    ),
+    "text model (model.layers)": (
+        "base_model.model.model.language_model.",
+        "base_model.model.model.",
+    ),
+    "no PEFT prefix": ("base_model.model.model.language_model.", "model.language_model."),
+    "no PEFT prefix, model.layers": ("base_model.model.model.language_model.", "model."),
+}
+
+
+def test_name_mapping_is_vllms() -> None:
+    """`adapters.names` replays vLLM 0.32's Gemma 4 mapper: same module name for every case."""
+    from vllm.lora.utils import parse_fine_tuned_lora_name
+    from vllm.model_executor.models.gemma4_mm import Gemma4ForConditionalGeneration
+
+    from adapters.names import vllm_module_name
+
+    mapper = Gemma4ForConditionalGeneration.hf_to_vllm_mapper.get_rename_mapper()
+    modules = [
+        "model.language_model.layers.0.self_attn.q_proj",
+        "model.language_model.per_layer_model_projection",
+        "model.language_model.layers.1.per_layer_input_gate",
+        "model.language_model.layers.2.router.proj",
+        "model.vision_tower.encoder.layers.0.mlp.up_proj.linear",
+        "model.vision_tower.patch_embedder.input_proj",
+        "model.embed_vision.embedding_projection",
+        "model.audio_tower.layers.0.self_attn.relative_k_proj",
+        "model.embed_audio.embedding_projection",
+        "lm_head",
+    ]
+    spellings = [p for m in modules for p in (m, m.removeprefix("model."))]
+    spellings += [
+        "language_model.model.layers.0.mlp.up_proj",
+        "model.layers.0.mlp.up_proj",
+        "model.model.language_model.layers.0.mlp.up_proj",
+        "vision_tower.encoder.layers.0.self_attn.q_proj",
+    ]
+    for module in spellings:
+        for prefix in ("", "base_model.model."):
+            tensor = f"{prefix}{module}.lora_A.weight"
+            vllm_name, _ = parse_fine_tuned_lora_name(tensor, mapper)
+            assert vllm_module_name(prefix + module) == vllm_name, tensor
+
+
+@pytest.mark.parametrize("spelling", list(SPELLINGS))
+def test_every_spelling_vllm_serves_is_accepted(
+    copy_adapter: CopyAdapter, base: BaseModelSpec, spelling: str
+) -> None:
+    folder = copy_adapter("demo-all")
+    canonical = validate_adapter(folder, base, LIMITS)
+    old, new = SPELLINGS[spelling]
+    edit_tensors(folder, lambda t: {k.replace(old, new): v for k, v in t.items()})
+    renamed = validate_adapter(folder, base, LIMITS)
+    assert (renamed.module_count, renamed.target_modules) == (
+        canonical.module_count,
+        canonical.target_modules,
+    )
+
+
+def test_two_spellings_of_one_module_are_refused(
+    copy_adapter: CopyAdapter, base: BaseModelSpec
+) -> None:
+    folder = copy_adapter()
+    old = f"{PREFIX}model.language_model.layers.0.self_attn.q_proj.lora_A.weight"
+    twin = f"{PREFIX}model.layers.0.self_attn.q_proj.lora_A.weight"
+    edit_tensors(folder, lambda t: {**t, twin: t[old].clone()})
+    refused(folder, base, InvalidAdapter, "(two spellings of one module)")
+
+
+@pytest.mark.parametrize("tower_lora", [False, True])
+def test_tower_name_without_the_clippable_linear_is_refused(
+    copy_adapter: CopyAdapter, base: BaseModelSpec, tower_lora: bool
+) -> None:
+    folder = copy_adapter()
+    edit_config(folder, target_modules=r".*\.(q|k|v|o)_proj")
+    wrapper = VISION_Q.removesuffix(".linear")
+    edit_tensors(
+        folder,
+        lambda t: {k.replace(VISION_Q, wrapper): v for k, v in _add_vision_lora(t).items()},
+    )
+    limits = ValidationLimits(max_rank=16, max_adapter_bytes=2**24, tower_lora=tower_lora)
+    message = refused(
+        folder, base, InvalidAdapter, "names the Gemma4ClippableLinear wrapper", limits
+    )
+    assert f"'{PREFIX}{VISION_Q}.lora_A.weight'" in message
+
+
+# --- shapes people publish, built by PEFT on the tiny model ---------------------------------
+
+_LANGUAGE_ALL = (
+    r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
+    r"|per_layer_input_gate|per_layer_projection|per_layer_model_projection)"
+)
+PUBLISHED = {
+    "peft-default": DemoAdapterSpec("peft-default", 4, r".*language_model\..*\.(q_proj|v_proj)"),
+    "language-all-linear": DemoAdapterSpec("language-all-linear", 4, _LANGUAGE_ALL),
+    "all-linear": DemoAdapterSpec("all-linear", 4, "all-linear"),
+}
+
+
+@pytest.fixture(scope="module")
+def published(tiny: DefaultModel, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Adapters shaped like published ones, written by PEFT (with random non-zero weights)."""
+    out = tmp_path_factory.mktemp("published")
+    model = load_base_model(tiny.model_dir)
+    return {
+        name: write_demo_adapter(tiny.model_dir, out / name, spec, seed=3, base=model)
+        for name, spec in PUBLISHED.items()
+    }
+
+
+def _copy(published: dict[str, Path], name: str, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(published[name], tmp_path / name))
+
+
+def test_peft_default_targets(published: dict[str, Path], base: BaseModelSpec) -> None:
+    manifest = validate_adapter(published["peft-default"], base, LIMITS)
+    assert manifest.target_modules == ["q_proj", "v_proj"]
+    assert manifest.module_count == 2 * LAYER_COUNT
+
+
+def test_every_language_model_linear_with_per_layer_projections(
+    published: dict[str, Path], base: BaseModelSpec
+) -> None:
+    manifest = validate_adapter(published["language-all-linear"], base, LIMITS)
+    assert manifest.module_count == 9 * LAYER_COUNT + 1
+    assert {"per_layer_input_gate", "per_layer_projection", "per_layer_model_projection"} <= set(
+        manifest.target_modules
+    )
+    assert not manifest.drops
+
+
+def _zero_tower_b(tensors: Tensors) -> Tensors:
+    language = "model.language_model."
+    return {
+        k: torch.zeros_like(v) if "lora_B" in k and language not in k else v
+        for k, v in tensors.items()
+    }
+
+
+def test_all_linear_with_trained_towers_is_refused_with_the_ways_out(
+    published: dict[str, Path], base: BaseModelSpec
+) -> None:
+    folder = published["all-linear"]
+    message = refused(folder, base, InvalidAdapter, "part has non-zero lora_B")
+    assert "audio tower" in message and "vision tower" in message
+    assert len(message.split("First such tensor")[0]) < 500  # the way out survives the cut
+    assert "drop_tower_weights=true" in message and "--enable-tower-lora" in message
+    with_towers = ValidationLimits(max_rank=16, max_adapter_bytes=2**24, tower_lora=True)
+    message = refused(folder, base, InvalidAdapter, "audio-tower LoRA is not served", with_towers)
+    assert "--enable-tower-lora" not in message and "vision" not in message
+
+
+def test_all_linear_dropped_on_request(
+    published: dict[str, Path], base: BaseModelSpec, tmp_path: Path
+) -> None:
+    folder = published["all-linear"]
+    original = (folder / "adapter_model.safetensors").read_bytes()
+    manifest = validate_adapter(folder, base, LIMITS, drop_tower_weights=True)
+    assert manifest.drop_reason is DropReason.REQUESTED
+    assert manifest.module_count == 9 * LAYER_COUNT + 1
+    groups = {module_group(m) for m in manifest.dropped_modules}
+    assert groups == {
+        ModuleGroup.VISION_TOWER,
+        ModuleGroup.VISION_EMBEDDER,
+        ModuleGroup.AUDIO_TOWER,
+        ModuleGroup.AUDIO_EMBEDDER,
+    }
+    assert "model.vision_tower.patch_embedder.input_proj" in manifest.dropped_modules
+    assert "model.audio_tower.layers.0.self_attn.relative_k_proj" in manifest.dropped_modules
+
+    served = write_served_copy(folder, manifest, tmp_path / "served")
+    assert (folder / "adapter_model.safetensors").read_bytes() == original  # never modified
+    kept = load_file(served / "adapter_model.safetensors")
+    assert not set(kept) & set(manifest.dropped_tensors)
+    assert len(kept) == 2 * manifest.module_count
+    again = validate_adapter(served, base, LIMITS)
+    assert not again.drops and again.module_count == manifest.module_count
+
+    # With tower LoRA the vision part is served and only the audio part is dropped.
+    with_towers = ValidationLimits(max_rank=16, max_adapter_bytes=2**24, tower_lora=True)
+    partial = validate_adapter(folder, base, with_towers, drop_tower_weights=True)
+    assert {module_group(m) for m in partial.dropped_modules} == {
+        ModuleGroup.AUDIO_TOWER,
+        ModuleGroup.AUDIO_EMBEDDER,
+    }
+    assert partial.serves_towers
+
+
+def test_all_linear_with_zero_tower_b_is_dropped_exactly(
+    published: dict[str, Path], base: BaseModelSpec, tmp_path: Path
+) -> None:
+    """Unsloth's vision LoRA before its fix (unsloth #5039): tower lora_B all zero."""
+    folder = _copy(published, "all-linear", tmp_path)
+    edit_tensors(folder, _zero_tower_b)
+    manifest = validate_adapter(folder, base, LIMITS)
+    assert manifest.drop_reason is DropReason.ZERO and manifest.drops
+    assert "exact for every request" in manifest.drop_reason.meaning
+
+
+def test_tower_only_adapter_after_a_drop_is_refused(
+    published: dict[str, Path], base: BaseModelSpec, tmp_path: Path
+) -> None:
+    folder = _copy(published, "all-linear", tmp_path)
+    edit_tensors(folder, lambda t: {k: v for k, v in t.items() if "language_model" not in k})
+    refused(
+        folder, base, InvalidAdapter, "adapts nothing this server applies", drop_tower_weights=True
+    )
+
+
+def test_all_linear_from_a_pickle_is_dropped_into_safetensors(
+    published: dict[str, Path], base: BaseModelSpec, tmp_path: Path
+) -> None:
+    folder = _copy(published, "all-linear", tmp_path)
+    _to_pickle(folder)
+    allow = ValidationLimits(max_rank=16, max_adapter_bytes=2**24, allow_pickle=True)
+    manifest = validate_adapter(folder, base, allow, drop_tower_weights=True)
+    served = write_served_copy(folder, manifest, tmp_path / "served")
+    assert validate_adapter(served, base, LIMITS).weights_file == "adapter_model.safetensors"
+
+
+def test_moe_router_is_a_language_model_linear(
+    tiny: DefaultModel, copy_adapter: CopyAdapter, tmp_path: Path
+) -> None:
+    """26B-A4B-style layers: the router's `proj` is a Linear vLLM wraps; experts are 3-D."""
+    moe = tmp_path / "tiny-gemma4"
+    moe.mkdir()
+    shutil.copy(tiny.model_dir / "config.json", moe)
+    tensors = load_file(tiny.model_dir / "model.safetensors")
+    router = "model.language_model.layers.0.router.proj"
+    tensors[f"{router}.weight"] = torch.zeros(8, 128)
+    tensors["model.language_model.layers.0.experts.gate_up_proj"] = torch.zeros(8, 64, 128)
+    save_file(tensors, moe / "model.safetensors")
+    base = BaseModelSpec.from_model_dir(moe, SERVED_NAME)
+    assert base.linear_modules[router] == (128, 8)
+    assert module_group(router) is ModuleGroup.LANGUAGE_MODEL
+    assert "model.language_model.layers.0.experts" not in base.linear_modules
+
+    folder = copy_adapter()
+    edit_config(folder, target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|proj)")
+    seeded = torch.Generator().manual_seed(1)
+    edit_tensors(
+        folder,
+        lambda t: {
+            **t,
+            f"{PREFIX}{router}.lora_A.weight": torch.randn(4, 128, generator=seeded),
+            f"{PREFIX}{router}.lora_B.weight": torch.randn(8, 4, generator=seeded),
+        },
+    )
+    manifest = validate_adapter(folder, base, LIMITS)
+    assert "proj" in manifest.target_modules and manifest.module_count == 17
+    edit_tensors(folder, lambda t: {**t, f"{PREFIX}{router}.lora_B.weight": torch.ones(16, 4)})
+    refused(folder, base, InvalidAdapter, "has shape [16, 4], expected [8, 4]")
+
+
+# Shaped like unsloth_zoo's get_peft_regex for finetune_vision_layers=False: a language branch
+# and a text-model branch (`model.layers.N...`).
+UNSLOTH_LANGUAGE_REGEX = (
+    r"(?:.*?(?:language|text).*?(?:self_attn|attention|attn|mlp|feed_forward|ffn|dense).*?"
+    r"(?:q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj).*?)|(?:\bmodel\.layers\.[\d]{1,}"
+    r"\.(?:self_attn|attention|attn|mlp|feed_forward|ffn|dense)\.(?:(?:q_proj|k_proj|v_proj|"
+    r"o_proj|gate_proj|up_proj|down_proj)))"
+)
+
+
+@pytest.mark.parametrize(
+    "prefix", ["base_model.model.model.language_model.", "base_model.model.model."]
+)
+def test_unsloth_language_only_regex(
+    copy_adapter: CopyAdapter, base: BaseModelSpec, prefix: str
+) -> None:
+    folder = copy_adapter("demo-all")
+    edit_config(
+        folder,
+        target_modules=UNSLOTH_LANGUAGE_REGEX,
+        base_model_name_or_path="unsloth/tiny-gemma4-unsloth-bnb-4bit",
+    )
+    old = "base_model.model.model.language_model."
+    edit_tensors(folder, lambda t: {k.replace(old, prefix): v for k, v in t.items()})
+    assert validate_adapter(folder, base, LIMITS).module_count == 7 * LAYER_COUNT
+
+
+def test_trl_exclude_modules_do_not_exclude_tower_children(
+    published: dict[str, Path], base: BaseModelSpec, tmp_path: Path
+) -> None:
+    """TRL's Gemma 4 example: all-linear, exclude_modules naming the towers (suffix match)."""
+    folder = _copy(published, "all-linear", tmp_path)
+    edit_config(folder, exclude_modules=["vision_tower", "audio_tower", "lm_head"])
+    refused(folder, base, InvalidAdapter, "part has non-zero lora_B")
+    manifest = validate_adapter(folder, base, LIMITS, drop_tower_weights=True)
+    assert manifest.module_count == 9 * LAYER_COUNT + 1

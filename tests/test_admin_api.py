@@ -103,7 +103,8 @@ def _rename_first(tensors: dict[str, Any]) -> dict[str, Any]:
 
 
 def _wrong_prefix(tensors: dict[str, Any]) -> dict[str, Any]:
-    return {k.replace("language_model.", ""): v for k, v in tensors.items()}
+    # PEFT on Gemma4Model: a spelling vLLM loads and never applies.
+    return {k.replace("model.language_model.", "language_model."): v for k, v in tensors.items()}
 
 
 def _wrong_shape(tensors: dict[str, Any]) -> dict[str, Any]:

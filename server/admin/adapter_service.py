@@ -28,7 +28,13 @@ from adapters.persistence import RegistryStore
 from adapters.registry import AdapterRecord, AdapterRegistry, check_name
 from adapters.residency import HostCacheModel
 from adapters.sources import resolve_under_roots, store_upload
-from adapters.validation import ValidationLimits, validate_adapter
+from adapters.validation import (
+    AdapterManifest,
+    ValidationLimits,
+    validate_adapter,
+    write_served_copy,
+)
+from server.admin.effect_probe import probe_effect
 from server.engine.protocol import AdapterRef, EngineDeadError, EngineError, InferenceEngine
 from server.http.errors import NotFound, ServiceUnavailable
 from server.metrics import ServiceMetrics
@@ -66,6 +72,7 @@ class LoadRequest:
     replace: bool = False
     pin: bool = False
     allow_base_mismatch: bool = False
+    drop_tower_weights: bool = False
 
 
 class AdapterLease:
@@ -90,6 +97,7 @@ class AdapterSources:
 
     roots: list[Path]
     upload_dir: Path
+    served_dir: Path  # copies of adapters served without a dropped tower part
 
 
 class AdapterService:
@@ -105,6 +113,8 @@ class AdapterService:
         sources: AdapterSources,
         metrics: ServiceMetrics,
         host_cache_size: int,
+        *,
+        probe: bool = True,
     ) -> None:
         self._engine = engine
         self._metrics = metrics
@@ -114,6 +124,7 @@ class AdapterService:
         self._base = base
         self._limits = limits
         self._sources = sources
+        self._probe = probe
         self._in_flight: Counter[int] = Counter()
         self._persist_lock = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()
@@ -172,12 +183,16 @@ class AdapterService:
                     source,
                     pin=request.pin,
                     allow_base_mismatch=request.allow_base_mismatch,
+                    drop_tower_weights=request.drop_tower_weights,
                     version=previous.version + 1 if previous else 1,
                 )
             except BaseException:
                 if request.upload is not None:
                     shutil.rmtree(folder, ignore_errors=True)
                 raise
+            if request.upload is not None and Path(record.path) != folder:
+                # Served from a copy without its tower part: the full upload is not needed.
+                await asyncio.to_thread(shutil.rmtree, folder, True)
             self.registry.put(record)
             await self._persist()
             if previous is not None:
@@ -284,6 +299,7 @@ class AdapterService:
         *,
         pin: bool,
         allow_base_mismatch: bool = False,
+        drop_tower_weights: bool = False,
         version: int = 1,
     ) -> AdapterRecord:
         manifest = await asyncio.to_thread(
@@ -292,34 +308,77 @@ class AdapterService:
             self._base,
             self._limits,
             allow_base_mismatch=allow_base_mismatch,
+            drop_tower_weights=drop_tower_weights,
         )
+        int_id = self.registry.allocate_id()
+        served = folder
+        if manifest.drops:
+            # The engine gets a copy without the tower part; the original is never changed.
+            served = self._sources.served_dir.resolve() / f"{name}-{int_id}"
+            await asyncio.to_thread(write_served_copy, folder, manifest, served)
         record = AdapterRecord(
             name=name,
             source=source,
-            path=str(folder),
+            path=str(served),
             sha256=manifest.sha256,
             rank=manifest.rank,
             target_modules=list(manifest.target_modules),
-            int_id=self.registry.allocate_id(),
+            int_id=int_id,
             version=version,
             pinned=pin,
+            dropped_modules=list(manifest.dropped_modules),
+            drop_reason=manifest.drop_reason.value if manifest.drop_reason else None,
         )
+        try:
+            await self._add_to_engine(record, manifest)
+        except BaseException:
+            if served != folder:
+                await asyncio.to_thread(shutil.rmtree, served, True)
+            raise
+        return record
+
+    async def _add_to_engine(self, record: AdapterRecord, manifest: AdapterManifest) -> None:
+        """Load into the engine, pin, probe; on any refusal leave nothing in the engine."""
         try:
             await self._engine.add_adapter(adapter_ref(record))
             self._host_cache.touch(record.int_id)
-            if pin:
+            if record.pinned:
                 if not await self._engine.pin_adapter(record.int_id):
                     raise EngineError("the engine could not pin the adapter")
                 self._host_cache.pin(record.int_id)
+            # A text probe cannot see a tower part; an adapter serving one is not probed.
+            if self._probe and not manifest.serves_towers:
+                await self._check_effect(record)
         except EngineDeadError as exc:  # the supervisor restarts it; the client may retry
             self._host_cache.drop(record.int_id)
             raise ServiceUnavailable(str(exc)) from exc
         except EngineError as exc:
-            self._host_cache.drop(record.int_id)
-            logger.error("engine refused adapter %s: %s", name, exc)
-            await self._engine.remove_adapter(record.int_id)
-            raise InvalidAdapter(f"the engine could not load adapter `{name}`") from exc
-        return record
+            await self._forget(record)
+            logger.error("engine refused adapter %s: %s", record.name, exc)
+            raise InvalidAdapter(f"the engine could not load adapter `{record.name}`") from exc
+        except BaseException:
+            await self._forget(record)
+            raise
+
+    async def _check_effect(self, record: AdapterRecord) -> None:
+        result = await probe_effect(self._engine, adapter_ref(record))
+        logger.info(
+            "adapter %s probe: largest log-prob change %.3g in %.2f s",
+            record.name,
+            result.max_logprob_difference,
+            result.seconds,
+        )
+        if not result.changed:
+            raise InvalidAdapter(
+                f"adapter `{record.name}` loaded, but its greedy output and top log-probs on a "
+                "probe prompt equal the base model's: it changes nothing here. Its weights may "
+                "be too small to matter, or name modules the engine does not apply; it was "
+                "unloaded"
+            )
+
+    async def _forget(self, record: AdapterRecord) -> None:
+        self._host_cache.drop(record.int_id)
+        await self._engine.remove_adapter(record.int_id)
 
     async def _persist(self) -> None:
         # One writer at a time, each with a snapshot taken under the lock: never an older
@@ -342,5 +401,6 @@ class AdapterService:
         with contextlib.suppress(EngineDeadError):  # a dead engine's copy is gone with it
             await self._engine.remove_adapter(record.int_id)
         folder = Path(record.path)
-        if folder.parent == self._sources.upload_dir.resolve():  # uploads are ours to delete
+        ours = (self._sources.upload_dir.resolve(), self._sources.served_dir.resolve())
+        if folder.parent in ours:  # uploads and served copies are ours to delete
             await asyncio.to_thread(shutil.rmtree, folder, True)

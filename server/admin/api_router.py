@@ -60,6 +60,7 @@ async def _load_request(request: Request) -> LoadRequest:
                 replace=_flag(fields, "replace"),
                 pin=_flag(fields, "pin"),
                 allow_base_mismatch=_flag(fields, "allow_base_mismatch"),
+                drop_tower_weights=_flag(fields, "drop_tower_weights"),
             )
     try:
         body = AdapterCreate.model_validate_json(await request.body())
@@ -73,6 +74,7 @@ async def _load_request(request: Request) -> LoadRequest:
         replace=body.replace,
         pin=body.pin,
         allow_base_mismatch=body.allow_base_mismatch,
+        drop_tower_weights=body.drop_tower_weights,
     )
 
 
@@ -113,7 +115,12 @@ async def unload_adapter(name: str, services: ServicesDep) -> AdapterPublic:
 async def vllm_load_lora_adapter(body: VllmLoadLoraAdapter, services: ServicesDep) -> AdapterPublic:
     """vLLM's route and body, answered in JSON; `load_inplace` replaces."""
     record = await services.adapters.load(
-        LoadRequest(name=body.lora_name, path=body.lora_path, replace=body.load_inplace)
+        LoadRequest(
+            name=body.lora_name,
+            path=body.lora_path,
+            replace=body.load_inplace,
+            drop_tower_weights=body.drop_tower_weights,
+        )
     )
     return await _public(services.adapters, record.name)
 

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from adapters.registry import AdapterRecord
+from adapters.validation import DropReason
 
 
 class AdapterCreate(BaseModel):
@@ -19,14 +20,25 @@ class AdapterCreate(BaseModel):
     replace: bool = False
     pin: bool = False
     allow_base_mismatch: bool = False
+    drop_tower_weights: bool = False
 
 
 class VllmLoadLoraAdapter(BaseModel):
-    """vLLM's `POST /v1/load_lora_adapter` body."""
+    """vLLM's `POST /v1/load_lora_adapter` body, plus this server's `drop_tower_weights`."""
 
     lora_name: str
     lora_path: str = Field(min_length=1)
     load_inplace: bool = False
+    drop_tower_weights: bool = False
+
+
+class DroppedPart(BaseModel):
+    """The tower part of an adapter that is not served, and what that means for requests."""
+
+    reason: Literal["zero_lora_b", "no_media", "requested"]
+    meaning: str
+    module_count: int
+    modules: list[str]
 
 
 class VllmUnloadLoraAdapter(BaseModel):
@@ -53,6 +65,7 @@ class AdapterPublic(BaseModel):
     resident: bool
     last_used: int | None
     request_count: int
+    dropped: DroppedPart | None  # null: every part of the adapter is served
 
     @classmethod
     def of(cls, record: AdapterRecord, *, resident: bool, state: str = "ready") -> AdapterPublic:
@@ -70,7 +83,20 @@ class AdapterPublic(BaseModel):
             resident=resident,
             last_used=int(record.last_used) if record.last_used else None,
             request_count=record.request_count,
+            dropped=_dropped(record),
         )
+
+
+def _dropped(record: AdapterRecord) -> DroppedPart | None:
+    if not record.drop_reason:
+        return None
+    reason = DropReason(record.drop_reason)
+    return DroppedPart(
+        reason=reason.value,
+        meaning=reason.meaning,
+        module_count=len(record.dropped_modules),
+        modules=record.dropped_modules,
+    )
 
 
 class AdapterList(BaseModel):
