@@ -172,6 +172,12 @@ def test_a_call_cut_by_max_tokens_is_text(tokenizer: Any, parsers: Any) -> None:
     assert plan.finish_reason("length", called=True) == "length"
 
 
+def test_a_call_cut_inside_its_name_is_text(tokenizer: Any, parsers: Any) -> None:
+    plan = plan_tools(request(tools=TOOLS, tool_choice="required"))
+    got = same_in_every_chunking(tokenizer, parsers, plan, f"{TOOL_CALL_START}call:get_we")
+    assert (got.content, got.tool_calls) == (f"{TOOL_CALL_START}call:get_we", [])
+
+
 def test_a_call_to_an_undeclared_tool_is_text(tokenizer: Any, parsers: Any) -> None:
     plan = plan_tools(request(tools=[WEATHER]))
     other = f"{TOOL_CALL_START}call:delete_all{{force:true}}{TOOL_CALL_END}"

@@ -141,7 +141,7 @@ async def test_streamed_calls_accumulate_to_the_whole_answer(api: LiveServer, mo
         b.message, {"get_weather", "get_time"}
     )
     assert [c.id for c in b.message.tool_calls or []] != []
-    assert a.message.content == b.message.content
+    assert (a.message.content or "") == (b.message.content or "")
 
 
 async def test_a_forced_call_cut_by_max_tokens_is_not_a_call(api: LiveServer) -> None:
@@ -155,7 +155,7 @@ async def test_a_forced_call_cut_by_max_tokens_is_not_a_call(api: LiveServer) ->
     (answer,) = reply.choices
     assert answer.finish_reason == "length"
     assert not answer.message.tool_calls
-    assert (answer.message.content or "").startswith("<|tool_call>call:get_weather{")
+    assert (answer.message.content or "").startswith("<|tool_call>call")
 
 
 async def test_tool_call_history_and_results_are_accepted(api: LiveServer) -> None:
@@ -271,7 +271,7 @@ async def test_tools_on_completions_are_a_400(api: LiveServer) -> None:
             model=BASE, prompt="Hi", max_tokens=4, extra_body={"tools": [WEATHER]}
         )
     body: Any = raised.value.body
-    assert body["param"] == "tools" and "chat/completions" in body["message"]
+    assert body["param"] == "tools" and "chat completions" in body["message"]
 
 
 async def test_many_forced_requests_at_once(api: LiveServer) -> None:

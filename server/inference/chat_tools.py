@@ -312,6 +312,10 @@ class CompletionReader:
                 if self._released < len(segments):
                     out.content += segments[self._released]
             self._released += 1
+        if finished:  # calls cut off before the parser saw their name: text too
+            for segment in segments[self._released :]:
+                out.content += segment
+            self._released = max(self._released, len(segments))
 
     def _repair_bare_call(
         self, text: str, token_ids: list[int], finished: bool

@@ -176,5 +176,5 @@ class CompletionRequest(SamplingRequest):
     @classmethod
     def _no_tools(cls, value: Any) -> Any:
         if value is not None:
-            raise ValueError("tools are only supported on /v1/chat/completions")
+            raise ValueError("tools are only supported by chat completions")
         return value
