@@ -18,7 +18,14 @@ import torch
 from safetensors import safe_open
 from transformers import AutoProcessor, Gemma4ForConditionalGeneration
 
-from server.testbed.default_model import DefaultModel
+from server.testbed.default_model import (
+    BUILD_STAMP,
+    BUILD_VERSION,
+    DEMO_ADAPTERS_DIR,
+    TINY_MODEL_DIR,
+    DefaultModel,
+    ensure_default_model,
+)
 from server.testbed.demo_adapters import DEMO_ADAPTERS, write_demo_adapters
 from server.testbed.tiny_model import build_tiny_model, main
 from server.vllm_compat import gemma4_processor
@@ -86,7 +93,7 @@ def test_processor_loads_offline_with_matching_token_ids(
     assert ids(tokenizer.eoa_token) == config["eoa_token_index"]
     assert ids("<|video|>") == config["video_token_id"]
     generation = json.loads((tiny.model_dir / "generation_config.json").read_text())
-    assert generation["eos_token_id"] == ids(["<eos>", "<turn|>"])
+    assert generation["eos_token_id"] == ids(["<eos>", "<turn|>", "<|tool_response>"])
 
 
 def test_chat_template_renders_gemma4_turns(processor: object) -> None:
@@ -101,11 +108,35 @@ def test_chat_template_renders_gemma4_turns(processor: object) -> None:
     )
     assert text == (
         "<bos><|turn>system\nBe brief.<turn|>\n"
-        "<|turn>user\n<|image|>\n\nHi?<turn|>\n"
+        "<|turn>user\n<|image|>Hi?<turn|>\n"
         "<|turn>model\nHello<turn|>\n"
-        "<|turn>user\n<|audio|>\n\nAnd this?<turn|>\n"
+        "<|turn>user\n<|audio|>And this?<turn|>\n"
         "<|turn>model\n"
     )
+
+
+def test_chat_template_is_googles_gemma4_template(tiny: DefaultModel) -> None:
+    # Byte-identical to Google's 2026-07-09 gemma-4-E2B-it template (source: tiny_model.py).
+    template = (tiny.model_dir / "chat_template.jinja").read_bytes()
+    assert hashlib.sha256(template).hexdigest() == (
+        "3beb16a140a78c7bf71cd86609f58e56f1594e670e95fe58bd6022f941d1cb1e"
+    )
+
+
+def test_an_old_cache_is_rebuilt(tiny: DefaultModel, tmp_path: Path) -> None:
+    stale = tmp_path / TINY_MODEL_DIR
+    stale.mkdir()
+    (stale / "chat_template.jinja").write_text("{{ messages }}", encoding="utf-8")
+    (tmp_path / DEMO_ADAPTERS_DIR).mkdir()
+    rebuilt = ensure_default_model(tmp_path)
+    assert (tmp_path / BUILD_STAMP).read_text().strip() == BUILD_VERSION
+    assert file_hashes(rebuilt.model_dir) == file_hashes(tiny.model_dir)
+    assert file_hashes(rebuilt.adapters_dir) == file_hashes(tiny.adapters_dir)
+    # A current stamp keeps the cache as it is.
+    marker = rebuilt.model_dir / "kept"
+    marker.touch()
+    ensure_default_model(tmp_path)
+    assert marker.exists()
 
 
 def test_processor_expands_image_and_audio_placeholders(processor: object) -> None:

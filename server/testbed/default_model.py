@@ -14,6 +14,10 @@ logger = logging.getLogger(__name__)
 
 TINY_MODEL_DIR = "tiny-gemma4"
 DEMO_ADAPTERS_DIR = "demo-adapters"
+# Bump when the builders' output changes (weights, tokenizer, template, adapters): a cache
+# stamped with another version is rebuilt, so an old `.cache/` never serves stale files.
+BUILD_VERSION = "2-gemma4-chat-template"
+BUILD_STAMP = "build-version"
 
 
 @dataclass(frozen=True)
@@ -46,10 +50,18 @@ def ensure_default_model(cache_dir: Path) -> DefaultModel:
 
     model_dir = cache_dir / TINY_MODEL_DIR
     adapters_dir = cache_dir / DEMO_ADAPTERS_DIR
+    stamp = cache_dir / BUILD_STAMP
+    built = stamp.read_text(encoding="utf-8").strip() if stamp.is_file() else None
+    if built != BUILD_VERSION and (model_dir.exists() or adapters_dir.exists()):
+        logger.info("the cache in %s is from another builder version; rebuilding", cache_dir)
+        shutil.rmtree(model_dir, ignore_errors=True)
+        shutil.rmtree(adapters_dir, ignore_errors=True)
     if not model_dir.is_dir():
         logger.info("building the tiny Gemma 4 in %s", model_dir)
         _build_atomically(model_dir, build_tiny_model)
     if not adapters_dir.is_dir():
         logger.info("writing the demo adapters in %s", adapters_dir)
         _build_atomically(adapters_dir, lambda out: write_demo_adapters(model_dir, out))
+    if built != BUILD_VERSION:
+        stamp.write_text(BUILD_VERSION + "\n", encoding="utf-8")
     return DefaultModel(model_dir=model_dir.resolve(), adapters_dir=adapters_dir.resolve())

@@ -1,8 +1,8 @@
 """Build a tiny, seeded, randomly initialised Gemma 4 checkpoint for tests and local runs.
 
 The checkpoint has the shape of a real Gemma 4 (`Gemma4ForConditionalGeneration` with text,
-vision and optional audio towers, a byte-level BPE tokenizer with Gemma 4's special tokens, a
-Gemma 4 style chat template and processor configs) at about 1.7 M parameters, so vLLM and
+vision and optional audio towers, a byte-level BPE tokenizer with Gemma 4's special tokens, Google's
+Gemma 4 chat template and processor configs) at about 1.7 M parameters, so vLLM and
 transformers both load it offline in seconds. The same seed gives byte-identical files.
 
 Shapes (`--shape`), each a scaled-down copy of one published Gemma 4 family (see `SHAPES`):
@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import random
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -82,36 +83,12 @@ IMAGE_SOFT_TOKENS = 70
 MEL_FEATURE_SIZE = 128
 SAMPLING_RATE = 16_000
 
-# Gemma 4 turn format; the template emits <bos> itself because vLLM adds none for Gemma 4.
-CHAT_TEMPLATE = """\
-{{- bos_token -}}
-{%- macro render_content(content) -%}
-    {%- if content is string -%}
-        {{- content | trim -}}
-    {%- elif content is iterable and content is not mapping -%}
-        {%- for part in content -%}
-            {%- if part['type'] == 'text' -%}
-                {{- part['text'] | trim -}}
-            {%- elif part['type'] == 'image' -%}
-                {{- '\\n\\n<|image|>\\n\\n' -}}
-            {%- elif part['type'] == 'audio' -%}
-                {{- '\\n\\n<|audio|>\\n\\n' -}}
-            {%- elif part['type'] == 'video' -%}
-                {{- '\\n\\n<|video|>\\n\\n' -}}
-            {%- endif -%}
-        {%- endfor -%}
-    {%- endif -%}
-{%- endmacro -%}
-{%- for message in messages -%}
-    {%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
-    {{- '<|turn>' + role + '\\n' -}}
-    {{- render_content(message['content']) | trim -}}
-    {{- '<turn|>\\n' -}}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-    {{- '<|turn>model\\n' -}}
-{%- endif -%}
-"""
+# Google's canonical Gemma 4 chat template (tools, tool calls and results, thinking), verbatim:
+# the gemma-4-E2B-it revision published 2026-07-09, as vendored by ollama/ollama in
+# model/renderers/testdata/gemma4_e2b_chat_template.jinja2 (commit 8a0016f8, 2026-07-14).
+# It emits <bos> itself, as vLLM adds none for Gemma 4 when a template exists.
+CHAT_TEMPLATE_FILE = Path(__file__).with_name("chat_template.jinja")
+
 
 # Tokenizer training text: fixed prose plus seeded pseudo-words, enough to fill the vocabulary.
 _TRAINING_PROSE = """\
@@ -174,6 +151,7 @@ def _token_ids(tokenizer: Any) -> dict[str, int]:
         "eos": token_id("<eos>"),
         "bos": token_id("<bos>"),
         "end_of_turn": token_id("<turn|>"),
+        "tool_response": token_id("<|tool_response>"),
         "image": token_id("<|image|>"),
         "boi": token_id("<|image>"),
         "eoi": token_id("<image|>"),
@@ -504,12 +482,17 @@ def build_tiny_model(
     tokenizer.save(str(out_dir / "tokenizer.json"))
     _write_json(out_dir / "tokenizer_config.json", _tokenizer_config())
     _write_json(out_dir / "processor_config.json", _processor_config())
-    (out_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
+    shutil.copyfile(CHAT_TEMPLATE_FILE, out_dir / "chat_template.jinja")
     _write_json(
         out_dir / "generation_config.json",
         {
             "bos_token_id": token_ids["bos"],
-            "eos_token_id": [token_ids["eos"], token_ids["end_of_turn"]],
+            # As Gemma 4's own: a model turn that called tools ends on <|tool_response>.
+            "eos_token_id": [
+                token_ids["eos"],
+                token_ids["end_of_turn"],
+                token_ids["tool_response"],
+            ],
             "pad_token_id": token_ids["pad"],
         },
     )
