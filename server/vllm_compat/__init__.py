@@ -18,13 +18,20 @@ _applied: set[str] = set()
 
 
 def _fixes() -> dict[str, Callable[[], bool]]:
-    from server.vllm_compat import audio_gemm, gemma4_processor, lora_index, lora_pin
+    from server.vllm_compat import (
+        audio_dtype,
+        audio_gemm,
+        gemma4_processor,
+        lora_index,
+        lora_pin,
+    )
 
     return {
         "gemma4_processor": gemma4_processor.apply,
         "lora_index": lora_index.apply,
         "lora_pin": lora_pin.apply,
         "audio_gemm": audio_gemm.apply,
+        "audio_dtype": audio_dtype.apply,
     }
 
 
