@@ -48,14 +48,42 @@ async def engine(tiny: DefaultModel) -> AsyncIterator[object]:
     await started.shutdown()
 
 
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def default_dtype_engine(tiny: DefaultModel) -> AsyncIterator[object]:
+    """The engine in the dtype users get: `--dtype auto`, which vLLM makes bfloat16 on CPU."""
+    from server.engine.vllm_engine import VllmEngine
+
+    settings = engine_settings(dtype=Settings.model_fields["dtype"].default)  # "auto"
+    started = await VllmEngine.start(settings, str(tiny.model_dir), "tiny-gemma4")
+    yield started
+    await started.shutdown()
+
+
+@pytest.fixture(scope="session", params=["float32", "default"])
+def dtype_engine(request: pytest.FixtureRequest) -> object:
+    """The engine in float32 and in the service's default dtype: tests using it run on both."""
+    return request.getfixturevalue(
+        "engine" if request.param == "float32" else "default_dtype_engine"
+    )
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """Print the measured agreement with transformers + PEFT (a figure the README quotes)."""
+    """Print the measured agreement with transformers + PEFT (figures the README quotes)."""
     from tests.test_engine_correctness import REFERENCE_DIFFERENCES
 
-    if REFERENCE_DIFFERENCES:
+    float32 = REFERENCE_DIFFERENCES.get("float32")
+    if float32:
         terminalreporter.write_line(
-            f"reference match: {len(REFERENCE_DIFFERENCES)} cases with equal greedy tokens; "
-            f"max first-step top-5 log-prob difference {max(REFERENCE_DIFFERENCES):.1e}"
+            f"reference match, float32: {len(float32)} comparisons with equal greedy tokens; "
+            f"max first-step top-5 log-prob difference {max(d[0] for d in float32):.1e}"
+        )
+    bfloat16 = REFERENCE_DIFFERENCES.get("bfloat16")
+    if bfloat16:
+        terminalreporter.write_line(
+            f"reference match, bfloat16: {len(bfloat16)} comparisons within the criterion; "
+            f"max mean log-prob difference {max(d[0] for d in bfloat16):.3f}, "
+            f"max difference {max(d[1] for d in bfloat16):.3f}, "
+            f"largest near-tie gap {max(d[2] for d in bfloat16):.3f}"
         )
     from tests.test_gemma_shapes import SHAPE_DIFFERENCES
 

@@ -1,7 +1,8 @@
 """The reference side of correctness tests: greedy generation with transformers + PEFT.
 
 vLLM's output is compared with what `Gemma4ForConditionalGeneration` (and `PeftModel` for an
-adapter) produce for the same prompt text, images and audio, in float32 on CPU.
+adapter) produce for the same prompt text, images and audio, on CPU, in the dtype the engine
+under test runs in (float32, or bfloat16 as vLLM serves with `--dtype auto` on CPU).
 """
 
 from __future__ import annotations
@@ -21,15 +22,21 @@ TOP_LOGPROBS = 5
 
 @dataclass(frozen=True)
 class ReferenceOutput:
-    """Greedy tokens, and the top log-probs of the first generated token (id -> log-prob)."""
+    """Greedy tokens and, for each generated token, its step's log-probs over the vocabulary."""
 
     token_ids: list[int]
-    first_logprobs: dict[int, float]
+    step_logprobs: list[np.ndarray]  # one float32 row of vocabulary size per generated token
+
+    @property
+    def first_logprobs(self) -> dict[int, float]:
+        """The top `TOP_LOGPROBS` log-probs of the first step (token id -> log-prob)."""
+        row = self.step_logprobs[0]
+        return {int(i): float(row[i]) for i in np.argsort(-row, kind="stable")[:TOP_LOGPROBS]}
 
 
 @functools.lru_cache(maxsize=8)
-def _load(model_dir: str, adapter_dir: str | None) -> tuple[Any, Any]:
-    """(model, processor) for one base model and optional adapter, loaded once per process."""
+def _load(model_dir: str, adapter_dir: str | None, dtype: str) -> tuple[Any, Any]:
+    """(model, processor) for one base model, optional adapter and dtype, loaded once."""
     from transformers import AutoProcessor, Gemma4ForConditionalGeneration
 
     from server.vllm_compat import gemma4_processor
@@ -37,7 +44,7 @@ def _load(model_dir: str, adapter_dir: str | None) -> tuple[Any, Any]:
     gemma4_processor.apply()  # transformers' Gemma 4 processor needs it without torchvision
     processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
     model: Any = Gemma4ForConditionalGeneration.from_pretrained(
-        model_dir, dtype=torch.float32, local_files_only=True
+        model_dir, dtype=getattr(torch, dtype), local_files_only=True
     )
     if adapter_dir is not None:
         from peft import PeftModel
@@ -55,19 +62,22 @@ def hf_greedy(
     audios: Sequence[np.ndarray] | None = None,
     max_tokens: int,
     causal_images: bool = False,
+    dtype: str = "float32",
 ) -> ReferenceOutput:
     """Greedy-decode `prompt` (already rendered by the chat template) with transformers.
 
     `images` are PIL images and `audios` 16 kHz mono float32 arrays, one per placeholder in
     the prompt, in order. Generation stops after `max_tokens` or at an end-of-sequence token of
-    the model's generation config (kept, as vLLM keeps it). `first_logprobs` are the
-    `log_softmax` of the first step's final (soft-capped) logits, top `TOP_LOGPROBS` only.
-    `causal_images=True` drops `mm_token_type_ids`, so models with
-    `use_bidirectional_attention="vision"` (31B, 26B-A4B) attend causally within images too.
+    the model's generation config (kept, as vLLM keeps it). `step_logprobs` are the
+    `log_softmax` of each step's final (soft-capped) logits, computed in float32 from logits of
+    `dtype` (the model's dtype: `float32` or `bfloat16`). `causal_images=True` drops
+    `mm_token_type_ids`, so models with `use_bidirectional_attention="vision"` (31B, 26B-A4B)
+    attend causally within images too.
     """
     model, processor = _load(
         str(Path(model_dir).resolve()),
         str(Path(adapter_dir).resolve()) if adapter_dir is not None else None,
+        dtype,
     )
     inputs = processor(
         text=[prompt],
@@ -92,10 +102,11 @@ def hf_greedy(
         if token_id in stop_ids:
             token_ids = token_ids[: position + 1]  # drop the padding generate adds after a stop
             break
-    logprobs = torch.log_softmax(out.logits[0][0].float(), dim=-1)
-    top = torch.topk(logprobs, TOP_LOGPROBS)
-    first = {int(i): float(v) for i, v in zip(top.indices, top.values, strict=True)}
-    return ReferenceOutput(token_ids=token_ids, first_logprobs=first)
+    steps = [
+        torch.log_softmax(logits[0].float(), dim=-1).numpy()
+        for logits in out.logits[: len(token_ids)]
+    ]
+    return ReferenceOutput(token_ids=token_ids, step_logprobs=steps)
 
 
 def _stop_ids(model: Any) -> set[int]:

@@ -25,15 +25,14 @@ from server.testbed.demo_adapters import SHAPE_ADAPTERS, load_base_model, write_
 from server.testbed.tiny_model import SHAPES, build_tiny_model, main
 from server.vllm_compat import gemma4_processor
 from tests.conftest import engine_settings
-from tests.hf_reference import hf_greedy
+from tests.hf_reference import ReferenceOutput, hf_greedy
 from tests.media import seeded_audio, seeded_image
 from tests.test_engine_correctness import (
     CASES,
     LOGPROB_TOLERANCE,
     MAX_TOKENS,
-    REFERENCE_DIFFERENCES,
     Output,
-    assert_logprobs_close,
+    mismatch,
     run,
 )
 
@@ -83,9 +82,9 @@ def render(model_dir: Path, case: str) -> Prompt:
 
 def reference(
     model_dir: Path, prompt: Prompt, adapter: AdapterRef | None, *, causal_images: bool = False
-) -> Output:
+) -> ReferenceOutput:
     """transformers + PEFT greedy output for the prompt (see `hf_greedy` for `causal_images`)."""
-    ref = hf_greedy(
+    return hf_greedy(
         model_dir,
         adapter.path if adapter else None,
         prompt.text,
@@ -94,10 +93,9 @@ def reference(
         max_tokens=MAX_TOKENS,
         causal_images=causal_images,
     )
-    return Output(list(ref.token_ids), dict(ref.first_logprobs))
 
 
-def logprob_difference(got: Output, want: Output) -> float:
+def logprob_difference(got: Output | ReferenceOutput, want: Output | ReferenceOutput) -> float:
     """Largest first-step log-prob difference over the reference's top tokens (inf if missing)."""
     return max(
         abs(got.first_logprobs.get(token, float("inf")) - logprob)
@@ -179,8 +177,7 @@ async def test_shape_matches_transformers_peft(
     # gap itself is measured in test_cpu_engine_attends_causally_within_images).
     want = reference(bed.model_dir, prompt, adapter, causal_images=case == "image")
     SHAPE_DIFFERENCES[(bed.shape, adapter_name, case)] = logprob_difference(got, want)
-    assert got.token_ids == want.token_ids
-    REFERENCE_DIFFERENCES.append(assert_logprobs_close(got.first_logprobs, want.first_logprobs))
+    assert mismatch("float32", got, want, record=True) is None
 
 
 async def test_cpu_engine_attends_causally_within_images(
@@ -199,7 +196,8 @@ async def test_cpu_engine_attends_causally_within_images(
     if SHAPES[bed.shape].bidirectional_vision:
         assert bidirectional.token_ids != causal.token_ids
     else:
-        assert bidirectional == causal
+        assert bidirectional.token_ids == causal.token_ids
+        assert bidirectional.first_logprobs == causal.first_logprobs
 
 
 async def test_every_adapter_changes_the_output_on_every_shape(

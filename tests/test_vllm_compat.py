@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from collections.abc import Callable
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import pytest
@@ -18,8 +18,10 @@ import vllm
 from vllm.lora.layers.utils import LoRAMapping
 from vllm.model_executor.layers import utils as layer_utils
 from vllm.platforms import current_platform
+from vllm.utils.torch_utils import set_default_torch_dtype
 
-from server.vllm_compat import audio_gemm, lora_index
+from server.testbed.default_model import DefaultModel
+from server.vllm_compat import audio_dtype, audio_gemm, lora_index
 
 OPS_MODULE = "vllm.lora.ops.torch_ops.lora_ops"
 LORA_MODULES = (OPS_MODULE, "vllm.lora.ops.torch_ops", "vllm.lora.punica_wrapper.punica_cpu")
@@ -380,3 +382,61 @@ def test_gemm_apply_leaves_a_fixed_gemm_alone(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(layer_utils, "cpu_unquantized_gemm", fixed_gemm)
     assert audio_gemm.apply() is False
     assert layer_utils.cpu_unquantized_gemm is fixed_gemm
+
+
+# ---- audio_dtype: the audio tower in the served dtype ----
+
+
+def _build_audio_tower(self: Any, *, vllm_config: Any, prefix: str = "") -> None:
+    """What vLLM 0.32's Gemma 4 `__init__` does for the audio tower (before swapping linears)."""
+    from transformers import AutoModel
+
+    self.audio_tower = AutoModel.from_config(config=vllm_config.model_config.hf_config.audio_config)
+
+
+def _served_in(tiny: DefaultModel, dtype: torch.dtype) -> Any:
+    from transformers import AutoConfig
+
+    hf_config = AutoConfig.from_pretrained(tiny.model_dir)
+    return SimpleNamespace(model_config=SimpleNamespace(hf_config=hf_config, dtype=dtype))
+
+
+def _tower_dtypes(model: Any) -> set[torch.dtype]:
+    return {p.dtype for p in model.audio_tower.parameters()}
+
+
+def test_audio_tower_is_built_in_the_checkpoint_dtype_without_fix(tiny: DefaultModel) -> None:
+    """The bug: served in bfloat16, the float32 checkpoint's audio tower stays float32."""
+    model = SimpleNamespace()
+    with set_default_torch_dtype(torch.bfloat16):  # as vLLM builds the model
+        _build_audio_tower(model, vllm_config=_served_in(tiny, torch.bfloat16))
+    assert _tower_dtypes(model) == {torch.float32}
+
+
+@pytest.mark.parametrize("served", [torch.bfloat16, torch.float32])
+def test_fixed_audio_tower_is_built_in_the_served_dtype(
+    tiny: DefaultModel, served: torch.dtype
+) -> None:
+    vllm_config = _served_in(tiny, served)
+    audio_config = vllm_config.model_config.hf_config.audio_config
+    checkpoint_dtype = audio_config.dtype
+    model = SimpleNamespace()
+    with set_default_torch_dtype(served):
+        audio_dtype.audio_tower_in_served_dtype(_build_audio_tower)(model, vllm_config=vllm_config)
+    assert _tower_dtypes(model) == {served}
+    assert audio_config.dtype == checkpoint_dtype  # the shared config is left as it was
+
+
+def test_audio_dtype_apply_is_idempotent_and_version_gated(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from vllm.model_executor.models import gemma4_mm
+
+    model_class = gemma4_mm.Gemma4ForConditionalGeneration
+    monkeypatch.setattr(model_class, "__init__", model_class.__init__)  # restored afterwards
+    assert audio_dtype.apply() is True
+    wrapped = model_class.__init__
+    assert audio_dtype.apply() is True
+    assert model_class.__init__ is wrapped
+    monkeypatch.setattr(vllm, "__version_tuple__", (0, 31, 2))
+    assert audio_dtype.apply() is False

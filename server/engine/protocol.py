@@ -15,6 +15,10 @@ import numpy as np
 from PIL import Image
 
 AUDIO_SAMPLE_RATE = 16_000  # Gemma 4's audio feature extractor works on 16 kHz mono
+# The shortest clip the engine takes: two mel frames (20 ms frames every 10 ms, the first centred
+# on sample 0). A one-frame clip kills vLLM 0.32's worker (`batch_audio_features` squeezes its
+# only frame away: IndexError); a shorter one gives the model no audio at all.
+MIN_AUDIO_SAMPLES = 321
 
 
 @dataclass(frozen=True)

@@ -220,6 +220,11 @@ class VllmEngine:
     def max_model_len(self) -> int:
         return int(self._llm.model_config.max_model_len)
 
+    @property
+    def dtype(self) -> str:
+        """The dtype the model runs in, as vLLM resolved `--dtype` (e.g. `bfloat16` for auto)."""
+        return str(self._llm.model_config.dtype).removeprefix("torch.")
+
     async def generate(
         self, request_id: str, prompt: Prompt, sampling: Sampling, adapter: AdapterRef | None
     ) -> AsyncIterator[GenerationChunk]:

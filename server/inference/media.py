@@ -7,13 +7,14 @@ import binascii
 import io
 import warnings
 from dataclasses import dataclass
+from typing import NoReturn
 
 import httpx
 import numpy as np
 import soundfile
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from server.engine.protocol import AUDIO_SAMPLE_RATE
+from server.engine.protocol import AUDIO_SAMPLE_RATE, MIN_AUDIO_SAMPLES
 from server.http.errors import BadRequest, PayloadTooLarge
 
 IMAGE_FORMATS = {"PNG", "JPEG", "WEBP"}
@@ -81,7 +82,8 @@ async def load_image(url: str, limits: MediaLimits, param: str) -> Image.Image:
 
 
 def decode_image(data: bytes, limits: MediaLimits, param: str) -> Image.Image:
-    """Open PNG, JPEG or WebP bytes, refusing anything else and decompression bombs."""
+    """Open PNG, JPEG or WebP bytes (read by content, whatever the data URL's type says), refusing
+    anything else and decompression bombs; EXIF orientation applied, first frame of animations."""
     _check_size(len(data), limits.max_image_bytes, "image", param)
     try:
         with warnings.catch_warnings():
@@ -96,28 +98,60 @@ def decode_image(data: bytes, limits: MediaLimits, param: str) -> Image.Image:
                     param=param,
                 )
             image.load()
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombWarning):
+            # Phone cameras store the orientation in EXIF: the model sees the photo upright.
+            return ImageOps.exif_transpose(image).convert("RGB")
+    except (
+        UnidentifiedImageError,
+        OSError,
+        SyntaxError,
+        ValueError,
+        Image.DecompressionBombWarning,
+    ):
         raise BadRequest("image data is not a readable image", param=param) from None
-    return image.convert("RGB")
+    except Image.DecompressionBombError:  # Pillow's own limit: far over any sane pixel limit
+        raise PayloadTooLarge(
+            f"image is larger than the limit of {limits.max_image_pixels} pixels", param=param
+        ) from None
 
 
 def decode_audio(data_b64: str, limits: MediaLimits, param: str) -> np.ndarray:
-    """16 kHz mono float32 samples from base64 audio (WAV, FLAC, OGG, MP3: libsndfile's formats)."""
+    """16 kHz mono float32 samples from base64 audio (WAV, FLAC, OGG, MP3: libsndfile's formats).
+
+    The bytes are read by their content; the request's `format` field is not needed.
+    """
     _check_size(len(data_b64) * 3 // 4, limits.max_audio_bytes, "audio", param)
     data = _b64decode(data_b64, "audio data", param)
     try:
-        samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        with soundfile.SoundFile(io.BytesIO(data)) as audio:
+            rate = audio.samplerate
+            # Read at most one frame past the limit: a small compressed file can decode to hours.
+            most = int(limits.max_audio_seconds * rate) + 1
+            if audio.frames > most:
+                _too_long(audio.frames / rate, limits, param)
+            samples = audio.read(frames=most, dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError):
         raise BadRequest("audio data is not a readable audio file", param=param) from None
     if len(samples) == 0:
         raise BadRequest("audio is empty", param=param)
-    seconds = len(samples) / rate
-    if seconds > limits.max_audio_seconds:
-        raise PayloadTooLarge(
-            f"audio is {seconds:.1f} s long; the limit is {limits.max_audio_seconds} s", param=param
+    if len(samples) / rate > limits.max_audio_seconds:
+        _too_long(len(samples) / rate, limits, param)
+    if not np.isfinite(samples).all():
+        raise BadRequest("audio has samples that are NaN or infinite", param=param)
+    mono = resample(samples.mean(axis=1), rate)
+    if len(mono) < MIN_AUDIO_SAMPLES:
+        raise BadRequest(
+            f"audio is {len(mono) / AUDIO_SAMPLE_RATE * 1000:.1f} ms long; the shortest the model "
+            f"takes is {MIN_AUDIO_SAMPLES / AUDIO_SAMPLE_RATE * 1000:.2f} ms "
+            f"({MIN_AUDIO_SAMPLES} samples at {AUDIO_SAMPLE_RATE} Hz)",
+            param=param,
         )
-    mono = samples.mean(axis=1)
-    return resample(mono, rate)
+    return mono
+
+
+def _too_long(seconds: float, limits: MediaLimits, param: str) -> NoReturn:
+    raise PayloadTooLarge(
+        f"audio is {seconds:.1f} s long; the limit is {limits.max_audio_seconds} s", param=param
+    )
 
 
 def resample(samples: np.ndarray, rate: int) -> np.ndarray:

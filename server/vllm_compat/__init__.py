@@ -19,6 +19,7 @@ _applied: set[str] = set()
 
 def _fixes() -> dict[str, Callable[[], bool]]:
     from server.vllm_compat import (
+        audio_dtype,
         audio_gemm,
         gemma4_processor,
         lora_audio_tower,
@@ -36,6 +37,7 @@ def _fixes() -> dict[str, Callable[[], bool]]:
         "lora_k_eq_v": lora_k_eq_v.apply,
         "lora_moe_cpu": lora_moe_cpu.apply,
         "lora_audio_tower": lora_audio_tower.apply,
+        "audio_dtype": audio_dtype.apply,
     }
 
 
