@@ -31,4 +31,5 @@ async def metrics(request: Request, credentials: BearerDep) -> Response:
     services: Services | None = request.app.state.services
     if services is not None:
         service_metrics.adapters_resident.set(len(await services.adapters.resident_ids()))
+        service_metrics.engine_unfinished.set(services.engine.running_request_count())
     return Response(service_metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

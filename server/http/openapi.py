@@ -86,7 +86,6 @@ def _sse(chunk: type[BaseModel]) -> dict[str, Any]:
         "contentSchema": {"anyOf": [_ref(chunk), _ref(ErrorResponse)]},
     }
     return {
-        "schema": {"type": "string"},
         "itemSchema": {
             "type": "object",
             "required": ["data"],
