@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from server.http.deps import RequestIdDep, ServicesDep, require_inference_key
 from server.http.openapi import BODY, INFERENCE_ROUTE, KEY_OPTIONAL, errors, json_or_sse
-from server.inference.generation import until_disconnected
+from server.inference.generation import ClientDisconnected, until_disconnected
 from server.inference.protocol import (
     ChatCompletionRequest,
     CompletionChunk,
@@ -29,6 +29,7 @@ router = APIRouter(
 )
 
 RequestT = TypeVar("RequestT", contravariant=True)
+CLIENT_CLOSED_REQUEST = 499
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -53,9 +54,14 @@ async def _answer(
         return StreamingResponse(
             with_error_event(events), media_type="text/event-stream", headers=SSE_HEADERS
         )
-    answer = await until_disconnected(
-        serving.complete(body, request_id), lambda: _disconnected(request)
-    )
+    try:
+        answer = await until_disconnected(
+            serving.complete(body, request_id), lambda: _disconnected(request)
+        )
+    except ClientDisconnected:
+        # Nobody reads it; nginx's 499 marks the request in the access log and metrics, where
+        # an exception would log a traceback per disconnect.
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
     return Response(answer.model_dump_json(exclude_unset=True), media_type="application/json")
 
 
