@@ -47,7 +47,8 @@ MODELS = [BASE, "demo-attn", "demo-mlp", "demo-all"]
 MAX_TOKENS = 4
 MAX_N = 2
 # Generated cases per operation in the fuzzing phase. The examples and coverage phases come on
-# top (about 1,000 requests, most answered 400 before the engine), and they dominate the time.
+# top (about 1,000 requests, most answered 400 before the engine), and they dominate the time:
+# the module took ~3.5 min with its server's start-up (2 cores, load average ~15 from other jobs).
 MAX_EXAMPLES = 6
 CHECKS = [
     not_a_server_error,
