@@ -38,6 +38,7 @@ from server.http.errors import (
     error_body,
     unexpected_error_body,
 )
+from server.http.openapi import service_openapi
 from server.http.request_context import BodyTooLarge, RequestContextMiddleware
 from server.inference import api_router as inference_router
 from server.inference.chat_serving import ChatService
@@ -278,4 +279,5 @@ def create_app(settings: Settings, engine: InferenceEngine | None = None) -> Fas
     app.include_router(admin_router.router)
     if settings.playground:
         app.include_router(playground_router.router)
+    service_openapi(app, inference_router.ANSWER_MODELS)
     return app

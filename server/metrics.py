@@ -90,6 +90,11 @@ class ServiceMetrics:
         self.in_flight = Gauge(
             "gemma_server_requests_in_flight", "Generation requests running", registry=r
         )
+        self.engine_unfinished = Gauge(
+            "gemma_server_engine_requests_unfinished",
+            "Requests the engine holds (running or waiting), by its own count, at scrape time",
+            registry=r,
+        )
         self.queue_wait = Histogram(
             "gemma_server_queue_wait_seconds",
             "Time a request waited in the engine's queue",

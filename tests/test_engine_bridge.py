@@ -54,3 +54,28 @@ async def test_running_count_and_abort(engine: VllmEngine, tiny: DefaultModel) -
     await engine.abort("abort-me")
     await stream.aclose()
     assert engine.running_request_count() == 0
+
+
+def test_non_finite_logprobs_become_numbers_json_can_carry() -> None:
+    """NaN (from a repetition penalty near 0, found by the fuzz test) and -inf left the API as
+    `null`, which OpenAI's types refuse; they become vLLM's server's -9999.0."""
+    from vllm.logprobs import Logprob
+    from vllm.outputs import CompletionOutput
+
+    from server.engine.vllm_engine import MIN_LOGPROB, _logprobs
+
+    output = CompletionOutput(
+        index=0,
+        text="ab",
+        token_ids=[5, 6],
+        cumulative_logprob=None,
+        logprobs=[
+            {5: Logprob(float("nan"), 1, "a"), 7: Logprob(-0.5, 2, "c")},
+            {6: Logprob(float("-inf"), 1, "b")},
+        ],
+        finish_reason=None,
+    )
+    steps = _logprobs(output)
+    assert steps is not None
+    assert [step.logprob for step in steps] == [MIN_LOGPROB, MIN_LOGPROB]
+    assert steps[0].top == [(7, "c", -0.5), (5, "a", MIN_LOGPROB)]

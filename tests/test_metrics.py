@@ -116,6 +116,7 @@ async def test_metrics_count_exactly(
     assert value(m, "gemma_server_time_to_first_token_seconds_count", model="demo-attn") == 2
     assert value(m, "gemma_server_request_duration_seconds_count", model="demo-mlp") == 1
     assert value(m, "gemma_server_requests_in_flight") == 0
+    assert m[("gemma_server_engine_requests_unfinished", frozenset())] == 0  # present, and 0
     assert value(m, "gemma_server_queue_wait_seconds_count") == 4
     assert value(m, "gemma_server_adapter_loads_total") == 2
     assert value(m, "gemma_server_adapter_replaces_total") == 1

@@ -15,13 +15,15 @@ from server.admin.protocol import (
     AdapterCreate,
     AdapterList,
     AdapterPublic,
+    AdapterUploadForm,
     VllmLoadLoraAdapter,
     VllmUnloadLoraAdapter,
 )
 from server.http.deps import ServicesDep, require_admin_key
 from server.http.errors import BadRequest
+from server.http.openapi import ADMIN_ROUTE, BODY, errors
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_admin_key)])
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_admin_key)], responses=ADMIN_ROUTE)
 
 ARCHIVE_FIELD = "archive"
 _TRUE = {"1", "true", "yes", "on"}
@@ -78,7 +80,35 @@ async def _load_request(request: Request) -> LoadRequest:
     )
 
 
-@router.post("/adapters", status_code=201, response_model=AdapterPublic)
+# One route takes JSON and multipart, so it reads the body itself and declares both here.
+_LOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": AdapterCreate.model_json_schema()},
+            "multipart/form-data": {
+                "schema": AdapterUploadForm.model_json_schema(by_alias=True),
+                "encoding": {
+                    field: {"contentType": "application/octet-stream"}
+                    for field in (ARCHIVE_FIELD, ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+                },
+            },
+        },
+    }
+}
+
+
+@router.post(
+    "/adapters",
+    status_code=201,
+    response_model=AdapterPublic,
+    responses={
+        200: {"model": AdapterPublic, "description": "A new version replaced the old one"},
+        **BODY,
+        **errors(404, 409),
+    },
+    openapi_extra=_LOAD_BODY,
+)
 async def load_adapter(request: Request, services: ServicesDep) -> JSONResponse:
     """Load an adapter (201), or a new version of one with `replace` (200)."""
     load = await _load_request(request)
@@ -99,19 +129,19 @@ async def list_adapters(services: ServicesDep) -> AdapterList:
     )
 
 
-@router.get("/adapters/{name}")
+@router.get("/adapters/{name}", responses=errors(404))
 async def get_adapter(name: str, services: ServicesDep) -> AdapterPublic:
     return await _public(services.adapters, name)
 
 
-@router.delete("/adapters/{name}")
+@router.delete("/adapters/{name}", responses=errors(404))
 async def unload_adapter(name: str, services: ServicesDep) -> AdapterPublic:
     """The name is gone at once; running requests on it finish first."""
     record = await services.adapters.unload(name)
     return AdapterPublic.of(record, resident=False, state="unloaded")
 
 
-@router.post("/load_lora_adapter")
+@router.post("/load_lora_adapter", responses={**BODY, **errors(404, 409)})
 async def vllm_load_lora_adapter(body: VllmLoadLoraAdapter, services: ServicesDep) -> AdapterPublic:
     """vLLM's route and body, answered in JSON; `load_inplace` replaces."""
     record = await services.adapters.load(
@@ -125,7 +155,7 @@ async def vllm_load_lora_adapter(body: VllmLoadLoraAdapter, services: ServicesDe
     return await _public(services.adapters, record.name)
 
 
-@router.post("/unload_lora_adapter")
+@router.post("/unload_lora_adapter", responses={**BODY, **errors(404)})
 async def vllm_unload_lora_adapter(
     body: VllmUnloadLoraAdapter, services: ServicesDep
 ) -> AdapterPublic:

@@ -23,6 +23,22 @@ class AdapterCreate(BaseModel):
     drop_tower_weights: bool = False
 
 
+class AdapterUploadForm(BaseModel):
+    """`POST /v1/adapters` as multipart: `name` and an archive, or the two adapter files.
+
+    Documents the form in the OpenAPI document; the route reads the form itself, since one
+    route takes JSON and multipart.
+    """
+
+    name: str
+    archive: bytes | None = Field(None, description="A .tar.gz or .zip of the adapter folder")
+    adapter_config: bytes | None = Field(None, alias="adapter_config.json")
+    adapter_model: bytes | None = Field(None, alias="adapter_model.safetensors")
+    replace: bool = False
+    pin: bool = False
+    allow_base_mismatch: bool = False
+
+
 class VllmLoadLoraAdapter(BaseModel):
     """vLLM's `POST /v1/load_lora_adapter` body, plus this server's `drop_tower_weights`."""
 

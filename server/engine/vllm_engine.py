@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -42,6 +43,8 @@ from server.settings import Settings
 logger = logging.getLogger(__name__)
 
 CPU_DEFAULT_KV_CACHE_BYTES = 256 * 2**20
+# What vLLM's OpenAI server reports for an impossible token's log-probability.
+MIN_LOGPROB = -9999.0
 
 
 def _passed_through(settings: Settings, owned: set[str]) -> dict[str, Any]:
@@ -147,6 +150,12 @@ def _engine_prompt(prompt: Prompt) -> TextPrompt:
     return engine_prompt
 
 
+def finite_logprob(logprob: float) -> float:
+    """-inf (an impossible token) or NaN (degenerate sampling parameters, such as a repetition
+    penalty near 0) as MIN_LOGPROB: JSON has neither, and the API types want a number."""
+    return logprob if math.isfinite(logprob) else MIN_LOGPROB
+
+
 def _logprobs(output: CompletionOutput) -> list[TokenLogprob] | None:
     steps: SampleLogprobs | PromptLogprobs | None = output.logprobs
     if steps is None:
@@ -155,10 +164,14 @@ def _logprobs(output: CompletionOutput) -> list[TokenLogprob] | None:
     for token_id, step in zip(output.token_ids, steps, strict=False):
         if step is None:
             continue
-        ranked = sorted(step.items(), key=lambda item: item[1].logprob, reverse=True)
-        top = [(tid, lp.decoded_token or "", lp.logprob) for tid, lp in ranked]
+        top = [
+            (tid, lp.decoded_token or "", finite_logprob(lp.logprob)) for tid, lp in step.items()
+        ]
+        top.sort(key=lambda item: item[2], reverse=True)
         chosen = step[token_id]
-        result.append(TokenLogprob(token_id, chosen.decoded_token or "", chosen.logprob, top))
+        result.append(
+            TokenLogprob(token_id, chosen.decoded_token or "", finite_logprob(chosen.logprob), top)
+        )
     return result
 
 

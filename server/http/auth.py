@@ -1,18 +1,12 @@
-"""API-key checks: inference keys for /v1/*, admin keys for the admin API; constant-time."""
+"""API-key checks: inference keys for /v1/*, admin keys for the admin API; constant-time.
+
+The token comes from `Authorization: Bearer <token>` (`server.http.openapi.bearer_key`)."""
 
 from __future__ import annotations
 
 import hmac
 
 from server.http.errors import Forbidden, Unauthorized
-
-
-def bearer_token(authorization: str | None) -> str | None:
-    """The token of an `Authorization: Bearer <token>` header."""
-    if not authorization:
-        return None
-    scheme, _, token = authorization.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
 def key_matches(token: str, keys: list[str]) -> bool:
@@ -23,11 +17,10 @@ def key_matches(token: str, keys: list[str]) -> bool:
     return found
 
 
-def check_inference_key(authorization: str | None, keys: list[str], admin_keys: list[str]) -> None:
-    """Raise 401 unless keys are off or the request carries one of them (admin keys too)."""
+def check_inference_key(token: str | None, keys: list[str], admin_keys: list[str]) -> None:
+    """Raise 401 unless keys are off or the request's bearer token is one (admin keys too)."""
     if not keys:
         return
-    token = bearer_token(authorization)
     if token is None:
         raise Unauthorized("missing API key: send `Authorization: Bearer <key>`")
     if not key_matches(token, keys + admin_keys):
@@ -35,7 +28,7 @@ def check_inference_key(authorization: str | None, keys: list[str], admin_keys: 
 
 
 def check_admin_key(
-    authorization: str | None, admin_keys: list[str], inference_keys: list[str], open_: bool
+    token: str | None, admin_keys: list[str], inference_keys: list[str], open_: bool
 ) -> None:
     """Admin routes: 403 when the admin API is off or for an inference key; 401 without a key."""
     if not admin_keys:
@@ -44,7 +37,6 @@ def check_admin_key(
         raise Forbidden(
             "the admin API is off: set GEMMA_SERVER_ADMIN_KEYS (or --admin-keys) to enable it"
         )
-    token = bearer_token(authorization)
     if token is None:
         raise Unauthorized("missing admin key: send `Authorization: Bearer <admin key>`")
     if key_matches(token, admin_keys):

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials
 
 from server.http.auth import check_admin_key, check_inference_key
 from server.http.errors import ServiceUnavailable
+from server.http.openapi import bearer_key
 from server.lifecycle import Phase, ServiceLifecycle
 from server.services import Services
 from server.settings import Settings
@@ -41,21 +43,27 @@ async def _request_id(request: Request) -> str:
     return request_id
 
 
-async def require_inference_key(
-    request: Request, authorization: Annotated[str | None, Header()] = None
-) -> None:
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_key)]
+
+
+def _token(credentials: HTTPAuthorizationCredentials | None) -> str | None:
+    return credentials.credentials if credentials else None
+
+
+async def require_inference_key(request: Request, credentials: BearerDep) -> None:
     """Dependency of every /v1 inference route."""
     settings: Settings = request.app.state.settings
-    check_inference_key(authorization, settings.api_keys, settings.admin_keys)
+    check_inference_key(_token(credentials), settings.api_keys, settings.admin_keys)
 
 
-async def require_admin_key(
-    request: Request, authorization: Annotated[str | None, Header()] = None
-) -> None:
+async def require_admin_key(request: Request, credentials: BearerDep) -> None:
     """Dependency of every admin route."""
     settings: Settings = request.app.state.settings
     check_admin_key(
-        authorization, settings.admin_keys, settings.api_keys, settings.admin_open_on_loopback
+        _token(credentials),
+        settings.admin_keys,
+        settings.api_keys,
+        settings.admin_open_on_loopback,
     )
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from server.engine.protocol import EngineDeadError
 from server.http.deps import LifecycleDep
@@ -13,6 +15,16 @@ from server.lifecycle import Phase, ServiceLifecycle
 from server.services import Services
 
 router = APIRouter()
+
+
+class Health(BaseModel):
+    status: Literal["ok", "failed"]
+    phase: Phase
+
+
+class Readiness(BaseModel):
+    ready: bool
+    phase: Phase
 
 
 async def _phase(request: Request, lifecycle: ServiceLifecycle) -> Phase:
@@ -24,7 +36,11 @@ async def _phase(request: Request, lifecycle: ServiceLifecycle) -> Phase:
     return lifecycle.phase
 
 
-@router.get("/health")
+@router.get(
+    "/health",
+    response_model=Health,
+    responses={503: {"model": Health, "description": "The service failed for good"}},
+)
 async def health(request: Request, lifecycle: LifecycleDep) -> JSONResponse:
     """Alive unless the service failed for good (then a restart of the process is the cure).
 
@@ -36,7 +52,16 @@ async def health(request: Request, lifecycle: LifecycleDep) -> JSONResponse:
     return JSONResponse({"status": "ok", "phase": phase})
 
 
-@router.get("/ready")
+@router.get(
+    "/ready",
+    response_model=Readiness,
+    responses={
+        503: {
+            "model": Readiness,
+            "description": "Starting, restarting the engine, draining, or failed",
+        }
+    },
+)
 async def ready(request: Request, lifecycle: LifecycleDep) -> JSONResponse:
     """Ready only when the engine is up and healthy and the server is not draining."""
     phase = await _phase(request, lifecycle)

@@ -3,29 +3,37 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Annotated
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from server.engine.protocol import EngineDeadError
-from server.http.deps import require_admin_key
+from server.http.deps import BearerDep, require_admin_key
+from server.http.openapi import KEY_OPTIONAL, errors
 from server.metrics import ServiceMetrics
 from server.services import Services
 
 router = APIRouter()
 
 
-@router.get("/metrics")
-async def metrics(
-    request: Request, authorization: Annotated[str | None, Header()] = None
-) -> Response:
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
+        **errors(401, 403),  # with --metrics-need-admin-key
+    },
+    openapi_extra=KEY_OPTIONAL,
+)
+async def metrics(request: Request, credentials: BearerDep) -> Response:
+    """Prometheus text format: the service's metrics and vLLM's `vllm:*` engine metrics."""
     if request.app.state.settings.metrics_need_admin_key:
-        await require_admin_key(request, authorization)
+        await require_admin_key(request, credentials)
     service_metrics: ServiceMetrics = request.app.state.metrics
     services: Services | None = request.app.state.services
     if services is not None:
-        with contextlib.suppress(EngineDeadError):  # while restarting: keep the last value
+        with contextlib.suppress(EngineDeadError):  # while restarting: keep the last values
             service_metrics.adapters_resident.set(len(await services.adapters.resident_ids()))
+            service_metrics.engine_unfinished.set(services.engine.running_request_count())
     return Response(service_metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

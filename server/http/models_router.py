@@ -11,8 +11,11 @@ from pydantic import BaseModel
 from server.admin.adapter_service import AdapterService
 from server.http.deps import ServicesDep, require_inference_key
 from server.http.errors import NotFound
+from server.http.openapi import INFERENCE_ROUTE, KEY_OPTIONAL, errors
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_inference_key)])
+router = APIRouter(
+    prefix="/v1", dependencies=[Depends(require_inference_key)], responses=INFERENCE_ROUTE
+)
 
 OWNER = "gemma-adapter-server"
 
@@ -46,12 +49,12 @@ def model_cards(adapters: AdapterService, base_created: int) -> list[ModelCard]:
     return cards
 
 
-@router.get("/models")
+@router.get("/models", openapi_extra=KEY_OPTIONAL)
 async def list_models(services: ServicesDep) -> ModelList:
     return ModelList(data=model_cards(services.adapters, services.started_at))
 
 
-@router.get("/models/{model_id}")
+@router.get("/models/{model_id}", responses=errors(404), openapi_extra=KEY_OPTIONAL)
 async def get_model(model_id: str, services: ServicesDep) -> ModelCard:
     for card in model_cards(services.adapters, services.started_at):
         if card.id == model_id:

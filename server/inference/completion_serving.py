@@ -20,7 +20,7 @@ from server.inference.generation import (
     openai_finish_reason,
     sampling_from,
 )
-from server.inference.protocol import CompletionRequest
+from server.inference.protocol import CompletionChunk, CompletionChunkChoice, CompletionRequest
 from server.inference.sse import DONE, sse_event
 from server.metrics import ServiceMetrics
 
@@ -113,9 +113,9 @@ class CompletionService:
     ) -> AsyncIterator[str]:
         created = int(time.time())
 
-        def event(choices: list[CompletionChoice], **fields: Any) -> str:
+        def event(choices: list[CompletionChunkChoice], **fields: Any) -> str:
             return sse_event(
-                Completion(
+                CompletionChunk(
                     id=f"cmpl-{request_id}",
                     object="text_completion",
                     created=created,
@@ -138,12 +138,11 @@ class CompletionService:
                     logprobs = None
                     if request.logprobs is not None and delta.logprobs:
                         logprobs = _legacy_logprobs(delta.logprobs)
-                    # OpenAI's streamed choices have finish_reason null until the end.
                     choices.append(
-                        CompletionChoice.model_construct(
+                        CompletionChunkChoice(
                             index=i * request.n + delta.index,
                             text=delta.text,
-                            finish_reason=openai_finish_reason(delta.finish_reason),  # type: ignore[arg-type]
+                            finish_reason=openai_finish_reason(delta.finish_reason),
                             logprobs=logprobs,
                         )
                     )

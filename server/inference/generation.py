@@ -190,8 +190,13 @@ async def collect(
     return result
 
 
+class ClientDisconnected(Exception):
+    """The client went away before its answer was ready."""
+
+
 async def until_disconnected(work: Awaitable[T], disconnected: Callable[[], Awaitable[None]]) -> T:
-    """Run `work` unless the client goes away first; then cancel it (which aborts the engine)."""
+    """Run `work` unless the client goes away first; then cancel it (which aborts the engine)
+    and raise ClientDisconnected."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(disconnected())
     try:
@@ -199,7 +204,7 @@ async def until_disconnected(work: Awaitable[T], disconnected: Callable[[], Awai
         if task in done:
             return task.result()
         task.cancel()
-        raise asyncio.CancelledError("client disconnected")
+        raise ClientDisconnected
     finally:
         watcher.cancel()
         if not task.done():

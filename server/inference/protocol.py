@@ -1,9 +1,11 @@
-"""Wire models of the inference requests (OpenAI's shapes; responses use the `openai` types)."""
+"""Wire models of the inference requests (OpenAI's shapes; responses use the `openai` types,
+except the streamed completion chunk, whose `finish_reason` is null until the end)."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+from openai.types import Completion, CompletionChoice
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_N = 16
@@ -178,3 +180,15 @@ class CompletionRequest(SamplingRequest):
         if value is not None:
             raise ValueError("tools are only supported by chat completions")
         return value
+
+
+class CompletionChunkChoice(CompletionChoice):
+    """A streamed completion choice: OpenAI sends `finish_reason` null until the last one."""
+
+    finish_reason: Literal["stop", "length", "content_filter"] | None = None  # type: ignore[assignment]
+
+
+class CompletionChunk(Completion):
+    """One event of a streamed completion."""
+
+    choices: list[CompletionChunkChoice]  # type: ignore[assignment]
