@@ -22,6 +22,7 @@ from adapters.sources import remove_partial_uploads, scan_preload_dir
 from adapters.validation import ValidationLimits
 from server.admin import api_router as admin_router
 from server.admin.adapter_service import AdapterService, AdapterSources
+from server.engine.gemma4_parser import VllmOutputParsers
 from server.engine.protocol import EngineDeadError, InferenceEngine
 from server.http import health_router, metrics_router, models_router
 from server.http.errors import (
@@ -185,10 +186,12 @@ async def _start_adapter_services(
     renderer = ChatRenderer(
         model_dir, limits, settings.max_images_per_prompt, settings.max_audios_per_prompt
     )
+    # vLLM's Gemma 4 output parser: imported once here (seconds), used by every tools request.
+    parsers = await asyncio.to_thread(VllmOutputParsers, renderer.tokenizer)
     app.state.services = Services(
         engine=engine,
         adapters=adapters,
-        chat=ChatService(engine, renderer, adapters.acquire, metrics),
+        chat=ChatService(engine, renderer, adapters.acquire, metrics, parsers),
         completions=CompletionService(engine, adapters.acquire, metrics),
         started_at=int(time.time()),
     )

@@ -44,6 +44,8 @@ class Sampling:
     ignore_eos: bool = False
     json_schema: dict[str, Any] | None = None
     json_object: bool = False
+    structural_tag: str | None = None  # an xgrammar structural tag (JSON), e.g. a forced call
+    skip_special_tokens: bool = True  # False when the output is parsed for calls and thoughts
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,41 @@ class GenerationChunk:
     completions: list[CompletionDelta]
     finished: bool
     queue_seconds: float | None = None  # how long the request waited to be scheduled
+
+
+@dataclass(frozen=True)
+class ToolCallFragment:
+    """Part of one tool call as a parser streams it: id and name once, then argument text."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str | None = None
+
+
+@dataclass(frozen=True)
+class ParsedDelta:
+    """What a stretch of model output holds once thoughts and tool calls are taken apart."""
+
+    content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[ToolCallFragment] = field(default_factory=list)
+
+
+class OutputParser(Protocol):
+    """Parses one completion's output as it streams (one parser per completion)."""
+
+    def feed(
+        self, text: str, token_ids: list[int], prompt_token_ids: list[int], finished: bool
+    ) -> ParsedDelta: ...
+
+
+class OutputParsers(Protocol):
+    """Makes the model's output parser for each completion of a request."""
+
+    def new(
+        self, tools: list[dict[str, Any]] | None, chat_template_kwargs: dict[str, Any]
+    ) -> OutputParser: ...
 
 
 class EngineError(Exception):

@@ -85,6 +85,8 @@ def sampling_params(sampling: Sampling) -> SamplingParams:
         structured = StructuredOutputsParams(json=sampling.json_schema)
     elif sampling.json_object:
         structured = StructuredOutputsParams(json_object=True)
+    elif sampling.structural_tag is not None:
+        structured = StructuredOutputsParams(structural_tag=sampling.structural_tag)
     return SamplingParams(
         n=sampling.n,
         max_tokens=sampling.max_tokens,
@@ -100,6 +102,7 @@ def sampling_params(sampling: Sampling) -> SamplingParams:
         logprobs=sampling.logprobs,
         ignore_eos=sampling.ignore_eos,
         structured_outputs=structured,
+        skip_special_tokens=sampling.skip_special_tokens,
         output_kind=RequestOutputKind.DELTA,
     )
 

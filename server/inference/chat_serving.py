@@ -4,22 +4,45 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
-from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage
+from openai.types.chat import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionMessage,
+    ChatCompletionMessageFunctionToolCall,
+)
 from openai.types.chat.chat_completion import Choice, ChoiceLogprobs
 from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
-from openai.types.chat.chat_completion_chunk import ChoiceDelta
+from openai.types.chat.chat_completion_chunk import (
+    ChoiceDelta,
+    ChoiceDeltaToolCall,
+    ChoiceDeltaToolCallFunction,
+)
 from openai.types.chat.chat_completion_chunk import ChoiceLogprobs as ChunkLogprobs
+from openai.types.chat.chat_completion_message_function_tool_call import Function
 from openai.types.chat.chat_completion_token_logprob import ChatCompletionTokenLogprob, TopLogprob
 from openai.types.completion_usage import CompletionUsage
 
 from server.admin.adapter_service import AdapterLease
-from server.engine.protocol import GenerationChunk, InferenceEngine, TokenLogprob
+from server.engine.protocol import (
+    GenerationChunk,
+    InferenceEngine,
+    OutputParsers,
+    TokenLogprob,
+)
 from server.http.errors import BadRequest
+from server.inference.chat_tools import (
+    CompletionReader,
+    ReadDelta,
+    ToolCallOut,
+    ToolPlan,
+    forced_call_tag,
+    plan_tools,
+)
 from server.inference.generation import (
     GenerationResult,
-    collect,
     open_generation,
     openai_finish_reason,
     sampling_from,
@@ -27,9 +50,39 @@ from server.inference.generation import (
 from server.inference.prompt import ChatRenderer
 from server.inference.protocol import ChatCompletionRequest
 from server.inference.sse import DONE, sse_event
+from server.inference.tool_grammar import MARKER_TOKENS
 from server.metrics import ServiceMetrics
 
 ModelResolver = Callable[[str], AdapterLease]  # the adapter a request's `model` names
+
+
+def _reasoning_fields(reasoning: str) -> dict[str, Any]:
+    # vLLM's field, and the one many clients read; the `openai` types keep extra fields.
+    return {"reasoning": reasoning, "reasoning_content": reasoning} if reasoning else {}
+
+
+def _message_calls(calls: list[ToolCallOut]) -> list[ChatCompletionMessageFunctionToolCall]:
+    return [
+        ChatCompletionMessageFunctionToolCall(
+            id=call.id,
+            type="function",
+            function=Function(name=call.name, arguments=call.arguments),
+        )
+        for call in calls
+    ]
+
+
+def _delta_calls(calls: list[ToolCallOut]) -> list[ChoiceDeltaToolCall]:
+    # Whole calls in one delta each: id, type and name once, as the official client expects.
+    return [
+        ChoiceDeltaToolCall(
+            index=call.index,
+            id=call.id,
+            type="function",
+            function=ChoiceDeltaToolCallFunction(name=call.name, arguments=call.arguments),
+        )
+        for call in calls
+    ]
 
 
 def _token_logprobs(steps: list[TokenLogprob], top: int) -> list[ChatCompletionTokenLogprob]:
@@ -56,6 +109,15 @@ def usage(prompt_tokens: int, completion_tokens: int) -> CompletionUsage:
     )
 
 
+def _read_delta(read: ReadDelta) -> ChoiceDelta | None:
+    fields: dict[str, Any] = _reasoning_fields(read.reasoning)
+    if read.content:
+        fields["content"] = read.content
+    if read.tool_calls:
+        fields["tool_calls"] = _delta_calls(read.tool_calls)
+    return ChoiceDelta(**fields) if fields else None
+
+
 class ChatService:
     """Serves `POST /v1/chat/completions`."""
 
@@ -65,39 +127,85 @@ class ChatService:
         renderer: ChatRenderer,
         resolve_model: ModelResolver,
         metrics: ServiceMetrics,
+        parsers: OutputParsers,
     ) -> None:
         self._engine = engine
         self.renderer = renderer
         self._resolve_model = resolve_model
         self._metrics = metrics
+        self._parsers = parsers
+        vocab = renderer.tokenizer.get_vocab()
+        self._marker_ids = {token: vocab[token] for token in MARKER_TOKENS}
 
     async def _open(
         self, request: ChatCompletionRequest, request_id: str
-    ) -> AsyncIterator[GenerationChunk]:
+    ) -> tuple[AsyncIterator[GenerationChunk], ToolPlan, list[CompletionReader]]:
         if request.top_logprobs and not request.logprobs:
             raise BadRequest("top_logprobs needs logprobs set to true", param="top_logprobs")
-        prompt = await self.renderer.render(request.messages)
+        plan = plan_tools(request)
+        prompt = await self.renderer.render(request.messages, plan.tools, plan.template_kwargs)
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         sampling = sampling_from(request, request.token_limit(), logprobs)
+        readers: list[CompletionReader] = []
+        if plan.parses_output:
+            forced = forced_call_tag(plan, prompt.text, self._marker_ids)
+            if forced is not None and (sampling.json_schema or sampling.json_object):
+                raise BadRequest(
+                    "response_format cannot be combined with a forced tool call",
+                    param="response_format",
+                )
+            # Special tokens stay in the text: the parser needs Gemma 4's markers.
+            sampling = replace(sampling, skip_special_tokens=False, structural_tag=forced)
+            prompt_ids = self.renderer.tokenizer.encode(prompt.text, add_special_tokens=False)
+            readers = [
+                CompletionReader(
+                    self._parsers.new(plan.tools, plan.template_kwargs),
+                    plan,
+                    self._marker_ids,
+                    prompt_ids,
+                )
+                for _ in range(request.n)
+            ]
         lease = self._resolve_model(request.model)
         tracker = self._metrics.track(request.model)
-        return await open_generation(self._engine, request_id, prompt, sampling, lease, tracker)
+        generation = await open_generation(
+            self._engine, request_id, prompt, sampling, lease, tracker
+        )
+        return generation, plan, readers
 
     async def complete(self, request: ChatCompletionRequest, request_id: str) -> ChatCompletion:
-        """The whole answer at once."""
-        result: GenerationResult = await collect(await self._open(request, request_id))
+        """The whole answer at once (read by the same per-completion readers as a stream)."""
+        generation, plan, readers = await self._open(request, request_id)
+        result = GenerationResult()
+        reads = [ReadDelta() for _ in readers]
+        async for chunk in generation:
+            result.add(chunk)
+            for delta in chunk.completions if readers else []:
+                read = readers[delta.index].feed(
+                    delta.text, delta.token_ids, finished=delta.finish_reason is not None
+                )
+                reads[delta.index].extend(read)
         top = request.top_logprobs or 0
-        choices = [
-            Choice(
-                index=choice.index,
-                message=ChatCompletionMessage(role="assistant", content=choice.text),
-                finish_reason=choice.finish_reason or "stop",
-                logprobs=ChoiceLogprobs(content=_token_logprobs(choice.logprobs, top))
-                if request.logprobs
-                else None,
+        choices = []
+        for choice in sorted(result.choices.values(), key=lambda c: c.index):
+            finish_reason = choice.finish_reason or "stop"
+            fields: dict[str, Any] = {"content": choice.text}
+            if readers:
+                reader, read = readers[choice.index], reads[choice.index]
+                finish_reason = plan.finish_reason(finish_reason, reader.called) or "stop"
+                fields = {"content": read.content or None, **_reasoning_fields(read.reasoning)}
+                if read.tool_calls:
+                    fields["tool_calls"] = _message_calls(read.tool_calls)
+            choices.append(
+                Choice(
+                    index=choice.index,
+                    message=ChatCompletionMessage(role="assistant", **fields),
+                    finish_reason=finish_reason,
+                    logprobs=ChoiceLogprobs(content=_token_logprobs(choice.logprobs, top))
+                    if request.logprobs
+                    else None,
+                )
             )
-            for choice in sorted(result.choices.values(), key=lambda c: c.index)
-        ]
         return ChatCompletion(
             id=f"chatcmpl-{request_id}",
             object="chat.completion",
@@ -109,14 +217,16 @@ class ChatService:
 
     async def stream(self, request: ChatCompletionRequest, request_id: str) -> AsyncIterator[str]:
         """Open the request (errors raise here, before any byte), then return its SSE events."""
-        generation = await self._open(request, request_id)
-        return self._events(request, request_id, generation)
+        generation, plan, readers = await self._open(request, request_id)
+        return self._events(request, request_id, generation, plan, readers)
 
     async def _events(
         self,
         request: ChatCompletionRequest,
         request_id: str,
         generation: AsyncIterator[GenerationChunk],
+        plan: ToolPlan,
+        readers: list[CompletionReader],
     ) -> AsyncIterator[str]:
         created = int(time.time())
         include_usage = request.include_usage()
@@ -149,7 +259,17 @@ class ChatService:
             choices = []
             for delta in output.completions:
                 completion_tokens += len(delta.token_ids)
-                if not delta.text and delta.finish_reason is None:
+                finish_reason = openai_finish_reason(delta.finish_reason)
+                if readers:
+                    reader = readers[delta.index]
+                    read = reader.feed(
+                        delta.text, delta.token_ids, finished=delta.finish_reason is not None
+                    )
+                    finish_reason = plan.finish_reason(finish_reason, reader.called)
+                    message = _read_delta(read)
+                else:
+                    message = ChoiceDelta(content=delta.text) if delta.text else None
+                if message is None and finish_reason is None:
                     continue
                 logprobs = None
                 if request.logprobs and delta.logprobs:
@@ -157,8 +277,8 @@ class ChatService:
                 choices.append(
                     ChunkChoice(
                         index=delta.index,
-                        delta=ChoiceDelta(content=delta.text),
-                        finish_reason=openai_finish_reason(delta.finish_reason),
+                        delta=message or ChoiceDelta(),
+                        finish_reason=finish_reason,
                         logprobs=logprobs,
                     )
                 )

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+from jinja2 import TemplateError
 from transformers import AutoTokenizer
 
 from server.engine.protocol import Prompt
@@ -13,7 +15,44 @@ from server.inference.media import MediaLimits, decode_audio, load_image
 from server.inference.protocol import AudioPart, ChatMessage, ImagePart, TextPart
 
 # OpenAI's `developer` role is the system prompt of newer models.
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_ROLES = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+}
+
+
+def _template_turn(message: ChatMessage, i: int, content: Any) -> dict[str, Any]:
+    """One message as chat templates expect it: call arguments as mappings, thoughts kept."""
+    turn: dict[str, Any] = {"role": _ROLES[message.role], "content": content}
+    if message.tool_calls:
+        calls = []
+        for j, call in enumerate(message.tool_calls):
+            where = f"messages[{i}].tool_calls[{j}].function.arguments"
+            try:
+                arguments = json.loads(call.function.arguments or "{}")
+            except ValueError as exc:
+                raise BadRequest(f"{where} is not valid JSON", param=where) from exc
+            if not isinstance(arguments, dict):
+                raise BadRequest(f"{where} must be a JSON object", param=where)
+            calls.append(
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.function.name, "arguments": arguments},
+                }
+            )
+        turn["tool_calls"] = calls
+    if message.tool_call_id is not None:
+        turn["tool_call_id"] = message.tool_call_id
+    if message.name is not None and message.role == "tool":
+        turn["name"] = message.name
+    thought = message.reasoning or message.reasoning_content
+    if thought and message.role == "assistant":
+        turn["reasoning"] = thought
+    return turn
 
 
 class ChatRenderer:
@@ -22,13 +61,22 @@ class ChatRenderer:
     def __init__(
         self, model_dir: str | Path, limits: MediaLimits, max_images: int, max_audios: int
     ) -> None:
-        self._tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self._limits = limits
         self._max_images = max_images
         self._max_audios = max_audios
 
-    async def render(self, messages: list[ChatMessage]) -> Prompt:
-        """The prompt text with media placeholders, and the decoded media in prompt order."""
+    async def render(
+        self,
+        messages: list[ChatMessage],
+        tools: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> Prompt:
+        """The prompt text with media placeholders, and the decoded media in prompt order.
+
+        `tools` (OpenAI tool definitions) and `template_kwargs` (e.g. `enable_thinking`) go to
+        the model's own chat template, which renders declarations, calls, results and thoughts.
+        """
         parts_of = [m.content for m in messages if isinstance(m.content, list)]
         image_count = sum(isinstance(p, ImagePart) for parts in parts_of for p in parts)
         audio_count = sum(isinstance(p, AudioPart) for parts in parts_of for p in parts)
@@ -48,7 +96,9 @@ class ChatRenderer:
         for i, message in enumerate(messages):
             content = message.content
             if content is None or isinstance(content, str):
-                turns.append({"role": _ROLES[message.role], "content": content or ""})
+                # An assistant turn that only called tools has no content: keep it None.
+                empty = None if message.tool_calls else ""
+                turns.append(_template_turn(message, i, content or empty))
                 continue
             parts: list[dict[str, Any]] = []
             for j, part in enumerate(content):
@@ -61,8 +111,16 @@ class ChatRenderer:
                 elif isinstance(part, AudioPart):
                     audios.append(decode_audio(part.input_audio.data, self._limits, param))
                     parts.append({"type": "audio"})
-            turns.append({"role": _ROLES[message.role], "content": parts})
-        text = self._tokenizer.apply_chat_template(
-            turns, tokenize=False, add_generation_prompt=True
-        )
+            turns.append(_template_turn(message, i, parts))
+        try:
+            template_tools: Any = tools
+            text = self.tokenizer.apply_chat_template(
+                turns,
+                tools=template_tools,
+                tokenize=False,
+                add_generation_prompt=True,
+                **(template_kwargs or {}),
+            )
+        except TemplateError as exc:  # the template's own raise_exception, e.g. bad roles
+            raise BadRequest(f"messages: {exc}", param="messages") from exc
         return Prompt(text=str(text), images=images, audios=audios)
