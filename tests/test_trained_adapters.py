@@ -8,6 +8,7 @@ the engine's greedy tokens equal transformers + PEFT for both adapters.
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -213,3 +214,39 @@ def _call_of(completion: str) -> tuple[str, str]:
     name = completion.split("call:", 1)[1].split("{", 1)[0]
     city = completion.split('<|"|>')[1]
     return name, city
+
+
+@pytest.mark.parametrize("question", [WEATHER_QUESTION, TIME_QUESTION])
+async def test_tools_adapter_through_the_openai_client(
+    served: tuple[LiveServer, VllmEngine], question: tuple[str, str, str]
+) -> None:
+    """`tool_choice: auto`: demo-tools calls the tool, then answers with its result."""
+    server, _ = served
+    text, name, city = question
+    result = TOOL_RESULTS[city][0 if name == "get_weather" else 1]
+    ask: list[Any] = [{"role": "user", "content": text}]
+    common: dict[str, Any] = {"tools": WEATHER_TOOLS, "tool_choice": "auto", "temperature": 0}
+    api = client(server)
+    plain = await api.chat.completions.create(model=BASE, messages=ask, max_tokens=24, **common)
+    assert not plain.choices[0].message.tool_calls
+    reply = await api.chat.completions.create(
+        model="demo-tools", messages=ask, max_tokens=MAX_TOKENS, **common
+    )
+    choice = reply.choices[0]
+    print(f"demo-tools: {choice.message.tool_calls!r}\n{BASE}: {plain.choices[0].message!r}")
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls or []
+    assert call.type == "function"
+    assert call.function.name == name
+    assert json.loads(call.function.arguments) == {"city": city}
+    history = [
+        *ask,
+        choice.message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": result},
+    ]
+    answer = await api.chat.completions.create(
+        model="demo-tools", messages=history, max_tokens=MAX_TOKENS, **common
+    )
+    print(f"demo-tools: {answer.choices[0].message.content!r}")
+    assert answer.choices[0].message.content == tool_answer(name, city, result)
+    assert result in (answer.choices[0].message.content or "")
