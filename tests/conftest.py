@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
@@ -17,10 +18,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 register()  # the test process builds HF references; it needs the same compat fixes as vLLM's
 
 
+# The cache `make run` uses: built (and the demo adapters trained) once, then reused by every
+# session while the builder's version stamp matches; tests only read it.
+TEST_CACHE_DIR = Path(__file__).resolve().parents[1] / ".cache"
+
+
 @pytest.fixture(scope="session")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> DefaultModel:
-    """A freshly built tiny Gemma 4 and demo adapters (a few seconds), private to this run."""
-    return ensure_default_model(tmp_path_factory.mktemp("cache"))
+def tiny() -> DefaultModel:
+    """The tiny Gemma 4 and demo adapters, built into `.cache/` if missing or stale."""
+    return ensure_default_model(TEST_CACHE_DIR)
 
 
 def engine_settings(**overrides: object) -> Settings:

@@ -25,7 +25,7 @@ from tests.live_server import LiveServer, live_server
 from tests.media import seeded_audio, seeded_image
 
 BASE = "tiny-gemma4"
-ADAPTERS = ["demo-all", "demo-attn", "demo-mlp"]
+ADAPTERS = ["demo-all", "demo-attn", "demo-mlp", "demo-pirate", "demo-tools"]
 MAX_TOKENS = 12
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
@@ -16,8 +17,9 @@ TINY_MODEL_DIR = "tiny-gemma4"
 DEMO_ADAPTERS_DIR = "demo-adapters"
 # Bump when the builders' output changes (weights, tokenizer, template, adapters): a cache
 # stamped with another version is rebuilt, so an old `.cache/` never serves stale files.
-BUILD_VERSION = "2-gemma4-chat-template"
+BUILD_VERSION = "3-trained-demo-adapters"
 BUILD_STAMP = "build-version"
+BUILD_LOCK = ".build-lock"
 
 
 @dataclass(frozen=True)
@@ -43,9 +45,27 @@ def _build_atomically(target: Path, build: Callable[[Path], object]) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def ensure_default_model(cache_dir: Path) -> DefaultModel:
-    """Return the tiny model and demo adapters under `cache_dir`, building what is missing."""
+def _write_all_demo_adapters(model_dir: Path, out_dir: Path) -> None:
     from server.testbed.demo_adapters import write_demo_adapters
+    from server.testbed.demo_training import write_trained_adapters
+
+    write_demo_adapters(model_dir, out_dir)
+    write_trained_adapters(model_dir, out_dir)
+
+
+def ensure_default_model(cache_dir: Path) -> DefaultModel:
+    """Return the tiny model and demo adapters under `cache_dir`, building what is missing.
+
+    Processes sharing `cache_dir` (a test session and `make run`, say) build it once: the
+    first takes a file lock and builds, the others wait for it and find it built.
+    """
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with (cache_dir / BUILD_LOCK).open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _ensure_default_model(cache_dir)
+
+
+def _ensure_default_model(cache_dir: Path) -> DefaultModel:
     from server.testbed.tiny_model import build_tiny_model
 
     model_dir = cache_dir / TINY_MODEL_DIR
@@ -60,8 +80,8 @@ def ensure_default_model(cache_dir: Path) -> DefaultModel:
         logger.info("building the tiny Gemma 4 in %s", model_dir)
         _build_atomically(model_dir, build_tiny_model)
     if not adapters_dir.is_dir():
-        logger.info("writing the demo adapters in %s", adapters_dir)
-        _build_atomically(adapters_dir, lambda out: write_demo_adapters(model_dir, out))
+        logger.info("writing and training the demo adapters in %s", adapters_dir)
+        _build_atomically(adapters_dir, lambda out: _write_all_demo_adapters(model_dir, out))
     if built != BUILD_VERSION:
         stamp.write_text(BUILD_VERSION + "\n", encoding="utf-8")
     return DefaultModel(model_dir=model_dir.resolve(), adapters_dir=adapters_dir.resolve())
