@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from safetensors import safe_open
 from transformers import AutoProcessor, Gemma4ForConditionalGeneration
 
 from server.testbed.default_model import (
+    BUILD_LOCK,
     BUILD_STAMP,
     BUILD_VERSION,
     DEMO_ADAPTERS_DIR,
@@ -138,6 +140,17 @@ def test_an_old_cache_is_rebuilt(tiny: DefaultModel, tmp_path: Path) -> None:
     marker.touch()
     ensure_default_model(tmp_path)
     assert marker.exists()
+
+
+def test_a_complete_cache_is_used_without_writing(tiny: DefaultModel, tmp_path: Path) -> None:
+    """The Docker image's cache is read-only to the service's user: using it writes nothing."""
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny.model_dir.parent, cache, ignore=shutil.ignore_patterns(BUILD_LOCK))
+    before = {path: path.stat().st_mtime_ns for path in cache.rglob("*")}
+    used = ensure_default_model(cache)
+    assert used.model_dir == (cache / TINY_MODEL_DIR).resolve()
+    assert not (cache / BUILD_LOCK).exists()
+    assert {path: path.stat().st_mtime_ns for path in cache.rglob("*")} == before
 
 
 def test_processor_expands_image_and_audio_placeholders(processor: object) -> None:

@@ -59,10 +59,25 @@ def ensure_default_model(cache_dir: Path) -> DefaultModel:
     Processes sharing `cache_dir` (a test session and `make run`, say) build it once: the
     first takes a file lock and builds, the others wait for it and find it built.
     """
+    built = _already_built(cache_dir)
+    if built is not None:  # no lock needed: a read-only cache (the Docker image's) works too
+        return built
     cache_dir.mkdir(parents=True, exist_ok=True)
     with (cache_dir / BUILD_LOCK).open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         return _ensure_default_model(cache_dir)
+
+
+def _already_built(cache_dir: Path) -> DefaultModel | None:
+    """The cache when it is complete and from this builder version, else None."""
+    model_dir = cache_dir / TINY_MODEL_DIR
+    adapters_dir = cache_dir / DEMO_ADAPTERS_DIR
+    stamp = cache_dir / BUILD_STAMP
+    if not (stamp.is_file() and model_dir.is_dir() and adapters_dir.is_dir()):
+        return None
+    if stamp.read_text(encoding="utf-8").strip() != BUILD_VERSION:
+        return None
+    return DefaultModel(model_dir=model_dir.resolve(), adapters_dir=adapters_dir.resolve())
 
 
 def _ensure_default_model(cache_dir: Path) -> DefaultModel:
