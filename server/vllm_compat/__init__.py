@@ -22,6 +22,7 @@ def _fixes() -> dict[str, Callable[[], bool]]:
         audio_dtype,
         audio_gemm,
         gemma4_processor,
+        logprob_ranks,
         lora_audio_tower,
         lora_index,
         lora_k_eq_v,
@@ -38,6 +39,7 @@ def _fixes() -> dict[str, Callable[[], bool]]:
         "lora_moe_cpu": lora_moe_cpu.apply,
         "lora_audio_tower": lora_audio_tower.apply,
         "audio_dtype": audio_dtype.apply,
+        "logprob_ranks": logprob_ranks.apply,
     }
 
 
