@@ -47,6 +47,7 @@ from server.playground.api_router import CONTENT_SECURITY_POLICY, STATIC_DIR
 from server.settings import Settings
 from server.testbed.default_model import DefaultModel
 from server.testbed.demo_adapters import DEMO_ADAPTERS, write_demo_adapter
+from server.testbed.demo_training import trained_adapter_specs
 from tests.conftest import engine_settings
 from tests.live_server import LiveServer, live_server
 from tests.media import seeded_audio, seeded_image
@@ -56,7 +57,8 @@ ARTIFACTS = REPO / "tests" / "artifacts"
 USER = "playground-user-key"
 ADMIN = "playground-admin-key"
 BASE = "tiny-gemma4"
-DEMO_NAMES = [spec.name for spec in DEMO_ADAPTERS]
+# Every adapter `make run` serves: the random demo adapters and the trained ones.
+DEMO_NAMES = [spec.name for spec in (*DEMO_ADAPTERS, *trained_adapter_specs())]
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 CHROMIUM_FLAGS = [
