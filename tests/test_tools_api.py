@@ -155,7 +155,10 @@ async def test_a_forced_call_cut_by_max_tokens_is_not_a_call(api: LiveServer) ->
     (answer,) = reply.choices
     assert answer.finish_reason == "length"
     assert not answer.message.tool_calls
-    assert (answer.message.content or "").startswith("<|tool_call>call")
+    # The forced call's text, cut after 4 tokens (how the text splits into tokens varies).
+    content, forced = answer.message.content or "", "<|tool_call>call:get_weather{"
+    assert content.startswith("<|tool_call>")
+    assert forced.startswith(content) or content.startswith(forced)
 
 
 async def test_tool_call_history_and_results_are_accepted(api: LiveServer) -> None:
