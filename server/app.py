@@ -43,7 +43,7 @@ from server.http.request_context import BodyTooLarge, RequestContextMiddleware
 from server.inference import api_router as inference_router
 from server.inference.chat_serving import ChatService
 from server.inference.completion_serving import CompletionService
-from server.inference.media import MediaLimits
+from server.inference.media import MediaLimits, check_audio_limit
 from server.inference.prompt import ChatRenderer
 from server.lifecycle import Phase, ServiceLifecycle
 from server.metrics import ServiceMetrics
@@ -133,6 +133,8 @@ async def _start_services(app: FastAPI, settings: Settings, engine: InferenceEng
         tiny = await asyncio.to_thread(ensure_default_model, settings.cache_dir)
         model_dir = tiny.model_dir
         preload_dir = settings.preload_dir or tiny.adapters_dir
+    if settings.max_audios_per_prompt > 0:
+        check_audio_limit(settings.max_audio_seconds, model_dir)
     served_name = settings.served_name(model_dir)
     base = await asyncio.to_thread(BaseModelSpec.from_model_dir, model_dir, served_name)
     policy = RestartPolicy(settings.engine_max_restarts, settings.engine_restart_window_seconds)

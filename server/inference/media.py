@@ -5,8 +5,10 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NoReturn
 
 import httpx
@@ -18,6 +20,12 @@ from server.engine.protocol import AUDIO_SAMPLE_RATE, MIN_AUDIO_SAMPLES
 from server.http.errors import BadRequest, PayloadTooLarge
 
 IMAGE_FORMATS = {"PNG", "JPEG", "WEBP"}
+# transformers' Gemma4AudioFeatureExtractor keeps at most `max_length` = 480,000 samples (30 s at
+# 16 kHz) and drops the rest without a word; vLLM calls it with that default.
+FEATURE_EXTRACTOR_MAX_SAMPLES = 480_000
+# Gemma4Processor's defaults, when processor_config.json does not set them.
+AUDIO_SEQ_LENGTH = 750
+AUDIO_MS_PER_TOKEN = 40
 
 
 @dataclass(frozen=True)
@@ -161,3 +169,32 @@ def resample(samples: np.ndarray, rate: int) -> np.ndarray:
     count = round(len(samples) * AUDIO_SAMPLE_RATE / rate)
     positions = np.linspace(0, len(samples) - 1, count)
     return np.interp(positions, np.arange(len(samples)), samples).astype(np.float32)
+
+
+def model_audio_seconds(model_dir: Path) -> float | None:
+    """The longest audio clip the model hears whole, or None when it takes no audio.
+
+    The smaller of the processor's soft-token cap (`audio_seq_length` tokens of
+    `audio_ms_per_token` ms) and the feature extractor's window; audio past it is cut.
+    """
+    config = json.loads((model_dir / "config.json").read_text())
+    if not config.get("audio_config"):
+        return None
+    processor_file = model_dir / "processor_config.json"
+    processor = json.loads(processor_file.read_text()) if processor_file.is_file() else {}
+    extractor = processor.get("feature_extractor") or {}
+    rate = extractor.get("sampling_rate", AUDIO_SAMPLE_RATE)
+    tokens = processor.get("audio_seq_length", AUDIO_SEQ_LENGTH)
+    ms_per_token = processor.get("audio_ms_per_token", AUDIO_MS_PER_TOKEN)
+    return float(min(tokens * ms_per_token / 1000, FEATURE_EXTRACTOR_MAX_SAMPLES / rate))
+
+
+def check_audio_limit(max_audio_seconds: float, model_dir: Path) -> None:
+    """Refuse a `--max-audio-seconds` above what the model hears: longer audio would be cut."""
+    longest = model_audio_seconds(model_dir)
+    if longest is not None and max_audio_seconds > longest:
+        raise ValueError(
+            f"--max-audio-seconds {max_audio_seconds:g} is above the longest audio this model "
+            f"takes ({longest:g} s; the rest of a longer clip would be dropped without a word): "
+            f"set it to {longest:g} or less"
+        )
