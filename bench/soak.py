@@ -51,6 +51,7 @@ ADMIN_KEY = "soak-admin-key"
 BASE = "tiny-gemma4"
 ADAPTERS = ("demo-attn", "demo-mlp", "demo-all")
 HOT_NAMES = ("soak-hot-0", "soak-hot-1")
+SKIPPABLE = ("images", "audio", "adapters", "hot-loads", "disconnects")
 MIB = 2**20
 LOG_PATH = Path(__file__).parent / "results" / "logs" / "soak-server.log"
 PROMPTS = (
@@ -83,6 +84,40 @@ class Tally:
 class ProcessSample:
     rss: int
     fds: int
+
+
+RssSeries = dict[str, list[tuple[float, int]]]
+"""RSS of each process during the traffic: (seconds since the traffic began, bytes)."""
+
+
+def second_half_slope(points: list[tuple[float, int]]) -> float:
+    """Least-squares slope of RSS over the second half of the run, in MiB per minute."""
+    if len(points) < 2:
+        return 0.0
+    middle = points[-1][0] / 2
+    tail = [(t, rss / MIB) for t, rss in points if t >= middle]
+    if len(tail) < 2:
+        tail = [(t, rss / MIB) for t, rss in points[-2:]]
+    times = np.array([t for t, _ in tail])
+    values = np.array([v for _, v in tail])
+    if np.ptp(times) == 0:
+        return 0.0
+    return float(np.polyfit(times, values, 1)[0] * 60)
+
+
+async def sample_rss(
+    processes: dict[str, psutil.Process], series: RssSeries, until: float, every: float
+) -> None:
+    """Record each process's RSS every `every` seconds until `until`, and once at the end."""
+    started = time.monotonic()
+    while True:
+        now = time.monotonic()
+        for role, process in processes.items():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                series.setdefault(role, []).append((now - started, process.memory_info().rss))
+        if now >= until:
+            return
+        await asyncio.sleep(min(every, until - now))
 
 
 def wav_base64(seconds: float, seed: int) -> str:
@@ -149,14 +184,22 @@ LEFT_METRICS = (
 class Traffic:
     """The request mix; each method sends one request and records what happened."""
 
-    def __init__(self, http: httpx.AsyncClient, tally: Tally, seed: int, audio: str) -> None:
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        tally: Tally,
+        seed: int,
+        audio: str,
+        skip: frozenset[str] = frozenset(),
+    ) -> None:
         self.http = http
         self.tally = tally
         self.rng = random.Random(seed)
         self.audio = audio
+        self.skip = skip
 
     def _model(self) -> str:
-        return self.rng.choice((BASE, *ADAPTERS))
+        return BASE if "adapters" in self.skip else self.rng.choice((BASE, *ADAPTERS))
 
     def _messages(self, media: str) -> list[dict[str, object]]:
         text = {"type": "text", "text": self.rng.choice(PROMPTS)}
@@ -219,7 +262,9 @@ class Traffic:
         """Read two events of a long stream, then close the connection."""
         body = {
             "model": self._model(),
-            "messages": self._messages(self.rng.choice(("text", "image"))),
+            "messages": self._messages(
+                self.rng.choice(("text",) if "images" in self.skip else ("text", "image"))
+            ),
             "max_tokens": 400,
             "ignore_eos": True,
             "stream": True,
@@ -257,12 +302,14 @@ class Traffic:
         choices: list[tuple[float, Callable[[], Awaitable[None]]]] = [
             (4, lambda: self.chat("text", stream=False)),
             (4, lambda: self.chat("text", stream=True)),
-            (2, lambda: self.chat("image", stream=self.rng.random() < 0.5)),
-            (1, lambda: self.chat("audio", stream=self.rng.random() < 0.5)),
             (2, lambda: self.completion(stream=self.rng.random() < 0.5)),
-            (1, self.disconnect_mid_stream),
-            (1, self.disconnect_before_answer),
         ]
+        if "images" not in self.skip:
+            choices.append((2, lambda: self.chat("image", stream=self.rng.random() < 0.5)))
+        if "audio" not in self.skip:
+            choices.append((1, lambda: self.chat("audio", stream=self.rng.random() < 0.5)))
+        if "disconnects" not in self.skip:
+            choices += [(1, self.disconnect_mid_stream), (1, self.disconnect_before_answer)]
         weights = [weight for weight, _ in choices]
         return self.rng.choices([action for _, action in choices], weights)[0]
 
@@ -328,12 +375,13 @@ def table(
     start: dict[str, ProcessSample],
     end: dict[str, ProcessSample],
     elapsed: float,
+    series: RssSeries,
 ) -> tuple[str, list[str]]:
     """The report, and the list of violated bounds."""
     violations = []
     lines = [
         f"Soak: {elapsed:.0f} s of traffic, concurrency {args.concurrency}, dtype {args.dtype}, "
-        f"seed {args.seed}",
+        f"seed {args.seed}" + (f", without {', '.join(sorted(args.skip))}" if args.skip else ""),
         "",
         "| Requests | Count |",
         "|---|---|",
@@ -356,8 +404,9 @@ def table(
             violations.append(f"{name} is {value:g} after the clients went away")
     lines += [
         "",
-        "| Process | RSS start (MiB) | RSS end (MiB) | Growth (MiB) | FDs start | FDs end |",
-        "|---|---|---|---|---|---|",
+        "| Process | RSS start (MiB) | RSS end (MiB) | Growth (MiB) | Slope, 2nd half (MiB/min) "
+        "| FDs start | FDs end |",
+        "|---|---|---|---|---|---|---|",
     ]
     for role, first in start.items():
         last = end.get(role)
@@ -365,9 +414,10 @@ def table(
             violations.append(f"the {role} process is gone")
             continue
         growth = (last.rss - first.rss) / MIB
+        slope = second_half_slope(series.get(role, []))
         lines.append(
             f"| {role} | {first.rss / MIB:.0f} | {last.rss / MIB:.0f} | {growth:+.0f} "
-            f"| {first.fds} | {last.fds} |"
+            f"| {slope:+.1f} | {first.fds} | {last.fds} |"
         )
         if growth > args.max_rss_growth_mib:
             violations.append(f"{role} RSS grew {growth:.0f} MiB (bound {args.max_rss_growth_mib})")
@@ -375,6 +425,9 @@ def table(
             violations.append(
                 f"{role} open files grew by {last.fds - first.fds} (bound {args.max_fd_growth})"
             )
+    lines += ["", f"RSS (MiB) every {args.sample_seconds:g} s:", ""]
+    for role, points in series.items():
+        lines.append(f"- {role}: " + " ".join(f"{rss / MIB:.0f}" for _, rss in points))
     lines += [
         "",
         f"Bounds: RSS growth <= {args.max_rss_growth_mib} MiB and open-file growth <= "
@@ -425,12 +478,14 @@ async def soak(args: argparse.Namespace) -> int:
         ) as http:
             ready_after = await wait_ready(http, server, args.start_timeout)
             logger.info("ready after %.0f s; warming up", ready_after)
-            warm = Traffic(http, Tally(), args.seed, audio)
-            for media in ("text", "image", "audio"):
-                for model in (BASE, *ADAPTERS):
-                    await warm.chat(media, stream=media == "text", model=model)
+            warm = Traffic(http, Tally(), args.seed, audio, args.skip)
+            for media, kind in (("text", ""), ("image", "images"), ("audio", "audio")):
+                if kind not in args.skip:
+                    for model in (BASE,) if "adapters" in args.skip else (BASE, *ADAPTERS):
+                        await warm.chat(media, stream=media == "text", model=model)
             await warm.completion(stream=True)
-            await warm.disconnect_mid_stream()
+            if "disconnects" not in args.skip:
+                await warm.disconnect_mid_stream()
             if warm.tally.failures:
                 logger.error("warm-up failed: %s", warm.tally.failures)
                 return 1
@@ -441,19 +496,21 @@ async def soak(args: argparse.Namespace) -> int:
             until = started + args.seconds
 
             async def worker(seed: int) -> None:
-                traffic = Traffic(http, tally, seed, audio)
+                traffic = Traffic(http, tally, seed, audio, args.skip)
                 while time.monotonic() < until:
                     await traffic.pick()()
 
-            hot = Traffic(http, tally, args.seed + 1000, audio)
-            await asyncio.gather(
-                *(worker(args.seed + i) for i in range(args.concurrency)),
-                hot_loads(http, tally, hot, until),
-            )
+            jobs = [worker(args.seed + i) for i in range(args.concurrency)]
+            if "hot-loads" not in args.skip:
+                hot = Traffic(http, tally, args.seed + 1000, audio, args.skip)
+                jobs.append(hot_loads(http, tally, hot, until))
+            series: RssSeries = {}
+            jobs.append(sample_rss(processes, series, until, args.sample_seconds))
+            await asyncio.gather(*jobs)
             elapsed = time.monotonic() - started
             left = await settle(http, args.settle_seconds)
             end = sample(processes)
-        report, violations = table(args, tally, left, start, end, elapsed)
+        report, violations = table(args, tally, left, start, end, elapsed, series)
         print(report)
         for failure in tally.failures:
             logger.error("failure: %s", failure)
@@ -482,7 +539,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-fd-growth", type=int, default=16)
     parser.add_argument("--settle-seconds", type=float, default=10.0)
     parser.add_argument("--start-timeout", type=float, default=900.0)
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--sample-seconds", type=float, default=10.0, help="RSS sampling period (default 10)"
+    )
+    parser.add_argument(
+        "--skip",
+        type=lambda text: frozenset(part for part in text.split(",") if part),
+        default=frozenset(),
+        help=f"leave kinds of traffic out, to isolate a cause: comma-separated from {SKIPPABLE}",
+    )
+    args = parser.parse_args(argv)
+    if unknown := args.skip - set(SKIPPABLE):
+        parser.error(f"--skip: unknown {', '.join(sorted(unknown))}; choose from {SKIPPABLE}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
