@@ -18,6 +18,11 @@ from server.lifecycle import ServiceLifecycle
 from server.settings import Settings
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# oneDNN (the CPU GEMMs of vLLM and torch) keeps up to 1024 compiled primitives by default, one per
+# GEMM shape, about 0.5 MiB each: every new prompt length makes new shapes, and the vLLM worker
+# grew by hundreds of MiB under mixed traffic (BENCHMARKS.md, Soak). Bounded lower here, for the
+# engine processes vLLM spawns; an explicit ONEDNN_PRIMITIVE_CACHE_CAPACITY wins.
+ONEDNN_PRIMITIVE_CACHE_CAPACITY = "128"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 
 
@@ -57,6 +62,7 @@ def main() -> None:
     settings = Settings(_cli_parse_args=True)
     configure_logging(settings.log_level)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the service never downloads a model
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_PRIMITIVE_CACHE_CAPACITY)
     app = create_app(settings)
     config = uvicorn.Config(
         app,
