@@ -12,8 +12,17 @@ through the admin API. Then the script checks, and prints as a markdown table:
   `vllm:num_requests_running` and `..._waiting`, the engine client's count
   `gemma_server_engine_requests_unfinished`, the service's `gemma_server_requests_in_flight`):
   each must be 0;
-- RSS and open file descriptors of each process (API, engine core, worker) after warm-up and at
-  the end: growth beyond `--max-rss-growth-mib` / `--max-fd-growth` per process is a failure.
+- RSS of each process (API, engine core, worker), sampled every `--sample-seconds`, and its open
+  file descriptors, from after warm-up to the end. RSS is checked twice: growth over the second
+  half of the traffic time (along the least-squares line of the samples) beyond
+  `--max-late-rss-growth-mib` is a leak; growth from start to end beyond `--max-rss-growth-mib` is
+  a plateau too high. Start to end alone cannot tell the two apart: the worker's RSS rises at
+  first however healthy it is, as oneDNN compiles a GEMM primitive (~0.5 MiB) for each new
+  prompt length until its cache (bounded by the service) is full, and then levels off; a leak
+  keeps growing. Open-file growth beyond `--max-fd-growth` is a failure.
+
+`--skip` leaves kinds of traffic out (images, audio, adapters, hot loads, disconnects), to find
+which one a growth comes from.
 
 Exit status 1 on any failure. The server runs on the tiny Gemma 4 with the demo adapters (built
 in `--cache-dir` if missing); its log goes to bench/results/logs/soak-server.log.
