@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from types import FrameType
 
 import uvicorn
@@ -57,12 +57,20 @@ def configure_logging(level: str) -> None:
     root.setLevel(level.upper())
 
 
+def bound_engine_memory(environ: MutableMapping[str, str]) -> None:
+    """Bound oneDNN's primitive cache in the engine processes, which inherit `environ`.
+
+    /proc/PID/environ cannot show it: vLLM retitles its processes over that memory.
+    """
+    environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_PRIMITIVE_CACHE_CAPACITY)
+
+
 def main() -> None:
     """Parse settings from the environment and flags, then serve until stopped."""
     settings = Settings(_cli_parse_args=True)
     configure_logging(settings.log_level)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the service never downloads a model
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_PRIMITIVE_CACHE_CAPACITY)
+    bound_engine_memory(os.environ)
     app = create_app(settings)
     config = uvicorn.Config(
         app,

@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 
-from server.__main__ import ONEDNN_PRIMITIVE_CACHE_CAPACITY
+from server.__main__ import ONEDNN_PRIMITIVE_CACHE_CAPACITY, bound_engine_memory
 
 # One vLLM GEMM handler fed 512 distinct row counts, as 512 prompt lengths would; prints the RSS
 # growth in MiB.
@@ -43,3 +43,12 @@ def test_the_services_capacity_bounds_the_gemm_memory_that_the_default_lets_grow
     bounded = growth_mib(ONEDNN_PRIMITIVE_CACHE_CAPACITY)
     assert unbounded > 150, f"oneDNN's default cache kept {unbounded:.0f} MiB"
     assert bounded < 100, f"the service's capacity kept {bounded:.0f} MiB"
+
+
+def test_the_server_sets_the_capacity_unless_one_is_given() -> None:
+    environ: dict[str, str] = {}
+    bound_engine_memory(environ)
+    assert environ == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": ONEDNN_PRIMITIVE_CACHE_CAPACITY}
+    given = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "512"}
+    bound_engine_memory(given)
+    assert given == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "512"}
