@@ -3,16 +3,27 @@
 The service's metrics live in their own registry (one per app, so tests and several apps in one
 process never share counters); `/metrics` serves it together with vLLM's engine metrics, which
 vLLM records in prometheus_client's global registry under the `vllm:` prefix.
+
+Two `vllm:` gauges come from the service, for routers (the Gateway API Inference Extension's
+endpoint picker, llm-d) that match a request's `model` against them: `vllm:lora_requests_info`
+(replacing vLLM's own, which names adapters by their engine-internal per-version name) and
+`vllm:lora_adapter_loaded`, after vLLM's proposal (vllm-project/vllm#54830) for adapter residency.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+from server.engine.protocol import AdapterActivity
 
 OTHER = "other"
+LORA_REQUESTS_INFO = "vllm:lora_requests_info"
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -111,6 +122,21 @@ class ServiceMetrics:
             "Engine restarts that failed (the new engine did not start or died during restore)",
             registry=r,
         )
+        # For adapter-aware routers; set at scrape time (`record_lora_state`).
+        self.lora_requests_info = Gauge(
+            LORA_REQUESTS_INFO,
+            "Adapters (served names, comma-separated) with running and waiting requests, and the "
+            "engine's LoRA slots; the value is the time of the last update",
+            ["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+            registry=r,
+        )
+        self.lora_adapter_loaded = Gauge(
+            "vllm:lora_adapter_loaded",
+            "1 per adapter (served name) in the engine's memory: level gpu = an accelerator LoRA "
+            "slot, cpu = the host cache; pinned = never evicted from the host cache",
+            ["adapter_name", "level", "pinned"],
+            registry=r,
+        )
         self.http_requests = Counter(
             "gemma_server_http_requests",
             "HTTP requests by route, method and status",
@@ -133,9 +159,39 @@ class ServiceMetrics:
     def track(self, model: str) -> RequestTracker:
         return RequestTracker(self, self.model_label(model))
 
+    def record_lora_state(
+        self, activity: AdapterActivity, resident: Iterable[tuple[str, str, bool]], max_lora: int
+    ) -> None:
+        """Set the routers' LoRA gauges to the engine's state now (one series per adapter)."""
+        self.lora_requests_info.clear()  # one series: a router takes the newest anyway
+        self.lora_requests_info.labels(
+            max_lora=str(max_lora),
+            running_lora_adapters=",".join(sorted(activity.running)),
+            waiting_lora_adapters=",".join(sorted(activity.waiting)),
+        ).set(time.time())
+        self.lora_adapter_loaded.clear()  # evicted adapters lose their series
+        for name, level, pinned in resident:
+            self.lora_adapter_loaded.labels(name, level, str(pinned).lower()).set(1)
+
     def exposition(self) -> bytes:
-        """The service's metrics, then vLLM's (prometheus_client's global registry)."""
-        return generate_latest(self.registry) + generate_latest(REGISTRY)
+        """The service's metrics, then vLLM's (prometheus_client's global registry).
+
+        vLLM's `vllm:lora_requests_info` is left out: the service exports its own (same name,
+        served adapter names), and a family may appear only once in an exposition.
+        """
+        vllm = _Without(REGISTRY, {LORA_REQUESTS_INFO})
+        return generate_latest(self.registry) + generate_latest(vllm)
+
+
+class _Without(Collector):
+    """A registry's metric families but the named ones."""
+
+    def __init__(self, registry: Collector, names: set[str]) -> None:
+        self._registry = registry
+        self._names = names
+
+    def collect(self) -> Iterator[Metric]:
+        return (family for family in self._registry.collect() if family.name not in self._names)
 
 
 class RequestTracker:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -143,3 +146,152 @@ def test_adapter_labels_are_bounded() -> None:
     metrics.set_base_model("base")
     labels = [metrics.model_label(name) for name in ["a", "b", "c", "a", "base", "d"]]
     assert labels == ["a", "b", OTHER, "a", "base", OTHER]
+
+
+# --- the model-server protocol of the Gateway API Inference Extension (routers read these) ---
+
+LONG = 960  # tokens: a stream stays in flight for seconds while the test reads /metrics
+
+
+def lora_info(text: str) -> list[dict[str, str]]:
+    """The label sets of `vllm:lora_requests_info`; the family must appear exactly once."""
+    families = [
+        f for f in text_string_to_metric_families(text) if f.name == "vllm:lora_requests_info"
+    ]
+    assert len(families) == 1, "one family, the service's (vLLM's own is left out)"
+    return [dict(sample.labels) for sample in families[0].samples]
+
+
+def vllm_gauge(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str) -> float:
+    """One of vLLM's own engine gauges (labelled with the served model and engine index)."""
+    return value(samples, name, model_name=BASE, engine="0")
+
+
+def residency(text: str) -> set[tuple[str, str, str]]:
+    return {
+        (s.labels["adapter_name"], s.labels["level"], s.labels["pinned"])
+        for f in text_string_to_metric_families(text)
+        if f.name == "vllm:lora_adapter_loaded"
+        for s in f.samples
+        if s.value == 1
+    }
+
+
+async def poll_metrics(http: httpx.AsyncClient, done: Callable[[str], bool]) -> str:
+    """/metrics once `done` holds for it (the engine's own gauges update at its steps)."""
+    deadline = asyncio.get_running_loop().time() + 300
+    while True:
+        text = (await http.get("/metrics")).text
+        if done(text) or asyncio.get_running_loop().time() > deadline:
+            return text
+        await asyncio.sleep(0.1)
+
+
+async def test_router_gauges_name_served_adapters(
+    engine: VllmEngine, tiny: DefaultModel, tmp_path: Path
+) -> None:
+    # The shared engine may still hold earlier tests' adapters, pinned ones too: drop them, so its
+    # caches hold this server's adapters only and the residency below is exactly predictable.
+    for int_id in await engine.list_adapters():
+        await engine.remove_adapter(int_id)
+    root = tmp_path / "root"
+    shutil.copytree(tiny.adapter_dirs()["demo-attn"], root / "good")
+    settings = engine_settings(
+        cache_dir=tiny.model_dir.parent,
+        state_dir=tmp_path / "state",
+        adapter_roots=[root],
+        admin_keys=[ADMIN],
+    )
+    assert (settings.max_loras, settings.max_cpu_loras) == (3, 4)
+    async with live_server(settings, engine, first_adapter_id=52_000) as server:
+        client = openai.AsyncOpenAI(base_url=server.v1, api_key="unused", max_retries=0)
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=60) as http:
+            loaded = await http.post(
+                "/v1/adapters",
+                json={"name": "pinned-attn", "path": "good", "pin": True},
+                headers={"Authorization": f"Bearer {ADMIN}"},
+            )
+            assert loaded.status_code == 201, loaded.text
+
+            def long_stream(model: str) -> Any:
+                return client.chat.completions.create(
+                    model=model,
+                    messages=PROMPT,
+                    max_tokens=LONG,
+                    stream=True,
+                    extra_body={"ignore_eos": True},
+                )
+
+            streams: list[Any] = []
+            fourth: asyncio.Task[Any] | None = None
+            try:
+                # One adapter running: its served name, not the engine's `demo-attn@<id>`.
+                streams.append(await long_stream("demo-attn"))
+                await anext(aiter(streams[0]))
+                text = (await http.get("/metrics")).text
+                assert lora_info(text) == [
+                    {
+                        "max_lora": "3",
+                        "running_lora_adapters": "demo-attn",
+                        "waiting_lora_adapters": "",
+                    }
+                ]
+                m = scrape(text)
+                assert vllm_gauge(m, "vllm:num_requests_running") == 1
+                assert vllm_gauge(m, "vllm:num_requests_waiting") == 0
+                assert 0 < vllm_gauge(m, "vllm:kv_cache_usage_perc") < 1
+
+                # Three adapters fill the three slots; a request on a fourth waits for a slot.
+                for model in ["demo-mlp", "demo-all"]:
+                    streams.append(await long_stream(model))
+                    await anext(aiter(streams[-1]))
+                fourth = asyncio.create_task(
+                    client.chat.completions.create(
+                        model="demo-pirate", messages=PROMPT, max_tokens=2
+                    )
+                )
+                # Until the engine core has it queued (its own gauges follow a step later).
+                text = await poll_metrics(
+                    http,
+                    lambda t: vllm_gauge(scrape(t), "vllm:num_requests_waiting") == 1,
+                )
+                assert lora_info(text) == [
+                    {
+                        "max_lora": "3",
+                        "running_lora_adapters": "demo-all,demo-attn,demo-mlp",
+                        "waiting_lora_adapters": "demo-pirate",
+                    }
+                ]
+                m = scrape(text)
+                assert vllm_gauge(m, "vllm:num_requests_running") == 3
+                assert vllm_gauge(m, "vllm:num_requests_waiting") == 1
+                assert value(m, "gemma_server_engine_requests_unfinished") == 4
+            finally:
+                for stream in streams:
+                    await stream.close()  # aborts: the waiting request gets a slot and finishes
+                if fourth is not None:
+                    await fourth
+
+            # Idle: nothing running or waiting. Then one request on each of three adapters, one at
+            # a time: they hold the three slots; the host cache (4) holds them and the pinned one.
+            text = await poll_metrics(
+                http, lambda t: value(scrape(t), "gemma_server_engine_requests_unfinished") == 0
+            )
+            assert lora_info(text) == [
+                {"max_lora": "3", "running_lora_adapters": "", "waiting_lora_adapters": ""}
+            ]
+            for model in ["demo-mlp", "demo-all", "demo-attn"]:
+                await client.chat.completions.create(model=model, messages=PROMPT, max_tokens=2)
+            text = (await http.get("/metrics")).text
+            assert residency(text) == {
+                ("demo-all", "gpu", "false"),
+                ("demo-attn", "gpu", "false"),
+                ("demo-mlp", "gpu", "false"),
+                ("pinned-attn", "cpu", "true"),
+            }
+            assert value(scrape(text), "gemma_server_adapters_resident") == 4
+            registry = server.app.state.services.adapters.registry
+            resident = {registry.get(n).int_id for n in ["demo-all", "demo-attn", "demo-mlp"]}
+            resident.add(registry.get("pinned-attn").int_id)
+            assert await engine.list_adapters() == resident  # vLLM's own list agrees
+            assert "@" not in text.split("vllm:lora_requests_info", 1)[1].split("\n# ", 1)[0]

@@ -37,10 +37,12 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 from server.app import create_app
 from server.engine.protocol import (
     AUDIO_SAMPLE_RATE,
+    AdapterActivity,
     AdapterRef,
     CompletionDelta,
     GenerationChunk,
     Prompt,
+    ResidentAdapter,
     Sampling,
 )
 from server.playground.api_router import CONTENT_SECURITY_POLICY, STATIC_DIR
@@ -628,6 +630,12 @@ class ScriptEngine:
 
     async def list_adapters(self) -> set[int]:
         return set()
+
+    async def adapter_residency(self) -> list[ResidentAdapter]:
+        return []
+
+    def adapter_activity(self) -> AdapterActivity:
+        return AdapterActivity()
 
     def running_request_count(self) -> int:
         return 0

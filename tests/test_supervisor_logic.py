@@ -15,6 +15,7 @@ from PIL import Image
 
 from server.engine.crash_guard import CrashGuard, request_fingerprint
 from server.engine.protocol import (
+    AdapterActivity,
     AdapterRef,
     CompletionDelta,
     EngineDeadError,
@@ -22,6 +23,7 @@ from server.engine.protocol import (
     GenerationChunk,
     InferenceEngine,
     Prompt,
+    ResidentAdapter,
     Sampling,
 )
 from server.engine.supervisor import EngineSupervisor, RestartPolicy
@@ -75,6 +77,13 @@ class FakeEngine:
     async def list_adapters(self) -> set[int]:
         self._check()
         return set(self.adapters)
+
+    async def adapter_residency(self) -> list[ResidentAdapter]:
+        self._check()
+        return [ResidentAdapter(int_id, "cpu", False) for int_id in self.adapters]
+
+    def adapter_activity(self) -> AdapterActivity:
+        return AdapterActivity()
 
     def running_request_count(self) -> int:
         return 0

@@ -35,7 +35,13 @@ from adapters.validation import (
     write_served_copy,
 )
 from server.admin.effect_probe import probe_effect
-from server.engine.protocol import AdapterRef, EngineDeadError, EngineError, InferenceEngine
+from server.engine.protocol import (
+    AdapterRef,
+    EngineDeadError,
+    EngineError,
+    InferenceEngine,
+    ResidentAdapter,
+)
 from server.http.errors import NotFound, ServiceUnavailable
 from server.metrics import ServiceMetrics
 
@@ -213,6 +219,19 @@ class AdapterService:
     async def resident_ids(self) -> set[int]:
         """Ids of the adapter versions the engine holds in memory now."""
         return await self._engine.list_adapters()
+
+    def served_residency(self, resident: list[ResidentAdapter]) -> list[tuple[str, str, bool]]:
+        """(served name, level, pinned) of the resident adapters clients can name now.
+
+        Versions no name points to any more (replaced or unloaded, still draining) are left out:
+        a request naming the adapter would not run on them.
+        """
+        current = {record.int_id: record.name for record in self.registry}
+        return [
+            (current[entry.int_id], entry.level, entry.pinned)
+            for entry in resident
+            if entry.int_id in current
+        ]
 
     # Start-up
 

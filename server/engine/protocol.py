@@ -31,6 +31,34 @@ class AdapterRef:
 
 
 @dataclass(frozen=True)
+class AdapterActivity:
+    """Served adapter names with requests in the engine, by where those requests are.
+
+    `running`: a request on the adapter has been scheduled (it is in the batch); `waiting`: a
+    request on it is in the engine but not scheduled yet (queued, or preempted). An adapter with
+    requests in both states is in both.
+    """
+
+    running: frozenset[str] = frozenset()
+    waiting: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class ResidentAdapter:
+    """One adapter version in the engine's memory, by engine id.
+
+    `level` is `gpu` while it holds one of the engine's `max_loras` accelerator LoRA slots (the
+    batch's LoRA weights: a request on it costs no load), else `cpu` (the host cache of
+    `max_cpu_loras` adapters: a request on it costs a copy into a slot, no disk read). `pinned`:
+    the host cache never evicts it.
+    """
+
+    int_id: int
+    level: str
+    pinned: bool
+
+
+@dataclass(frozen=True)
 class Sampling:
     """Sampling parameters; field names and meanings are vLLM's `SamplingParams`."""
 
@@ -160,6 +188,10 @@ class InferenceEngine(Protocol):
     async def pin_adapter(self, int_id: int) -> bool: ...
 
     async def list_adapters(self) -> set[int]: ...
+
+    async def adapter_residency(self) -> list[ResidentAdapter]: ...
+
+    def adapter_activity(self) -> AdapterActivity: ...
 
     def running_request_count(self) -> int: ...
 

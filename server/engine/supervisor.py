@@ -23,12 +23,14 @@ from typing import TypeVar
 
 from server.engine.crash_guard import CrashGuard, request_fingerprint
 from server.engine.protocol import (
+    AdapterActivity,
     AdapterRef,
     EngineDeadError,
     EngineError,
     GenerationChunk,
     InferenceEngine,
     Prompt,
+    ResidentAdapter,
     Sampling,
 )
 from server.lifecycle import ServiceLifecycle
@@ -161,6 +163,12 @@ class EngineSupervisor:
 
     async def list_adapters(self) -> set[int]:
         return await self._forward(lambda engine: engine.list_adapters())
+
+    async def adapter_residency(self) -> list[ResidentAdapter]:
+        return await self._forward(lambda engine: engine.adapter_residency())
+
+    def adapter_activity(self) -> AdapterActivity:
+        return self._engine.adapter_activity() if self._engine else AdapterActivity()
 
     def running_request_count(self) -> int:
         return self._engine.running_request_count() if self._engine else 0

@@ -27,14 +27,17 @@ from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
 
+from server.engine.lora_residency import RESIDENCY_RPC, LoraResidencyExtension
 from server.engine.protocol import (
     AUDIO_SAMPLE_RATE,
+    AdapterActivity,
     AdapterRef,
     CompletionDelta,
     EngineDeadError,
     EngineError,
     GenerationChunk,
     Prompt,
+    ResidentAdapter,
     Sampling,
     TokenLogprob,
 )
@@ -92,6 +95,8 @@ def engine_args(settings: Settings, model_path: str, served_name: str) -> AsyncE
         # Requests are logged by the service with its own request ids.
         enable_log_requests=False,
         tensor_parallel_size=settings.tensor_parallel_size,
+        # Reports the workers' LoRA caches (the residency metric).
+        worker_extension_cls=f"{LoraResidencyExtension.__module__}.{LoraResidencyExtension.__qualname__}",
         **{key: value for key, value in optional.items() if value is not None},
     )
     extra = _passed_through(settings, set(owned) | set(optional))
@@ -136,6 +141,11 @@ def lora_request(adapter: AdapterRef) -> LoRARequest:
         lora_int_id=adapter.int_id,
         lora_path=adapter.path,
     )
+
+
+def served_name(request: LoRARequest) -> str:
+    """The adapter's served name in a LoRARequest made by `lora_request` (without `@<id>`)."""
+    return request.lora_name.removesuffix(f"@{request.lora_int_id}")
 
 
 def _engine_prompt(prompt: Prompt) -> TextPrompt:
@@ -285,7 +295,41 @@ class VllmEngine:
 
     async def list_adapters(self) -> set[int]:
         with _engine_alive():
-            return await self._llm.list_loras()
+            return set(await self._llm.list_loras())  # a list in vLLM 0.32
+
+    async def adapter_residency(self) -> list[ResidentAdapter]:
+        """The adapters in the workers' LoRA caches: accelerator slot or host cache, pinned."""
+        with _engine_alive():
+            per_worker = await self._llm.collective_rpc(RESIDENCY_RPC)
+        # Tensor-parallel workers each hold a shard of the same adapters: the first speaks for all.
+        return [
+            ResidentAdapter(int_id, "gpu" if in_slot else "cpu", pinned)
+            for int_id, in_slot, pinned in per_worker[0]
+        ]
+
+    def adapter_activity(self) -> AdapterActivity:
+        """Adapters of the requests the engine holds, running or waiting, by served name.
+
+        Read from the front end's own request table (this process; no call to the engine core):
+        vLLM marks a request running when the engine core reports it scheduled. Its own
+        `vllm:lora_requests_info` gauge cannot be used as it is: it labels adapters with the
+        LoRARequest's per-version name (`demo-attn@2`), and it lists every adapter with requests in
+        both labels (vLLM 0.32 fills the waiting and running dicts with the same keys).
+        """
+        processor = self._llm.output_processor
+        states = processor.lora_states
+        running: set[str] = set()
+        waiting: set[str] = set()
+        for request_id, state in processor.request_states.items():
+            if state.lora_request is None:
+                continue
+            if states.log_stats:  # vLLM tracks scheduling events only when it logs stats
+                stats = states.requests.get(state.lora_request.lora_name)
+                scheduled = stats is not None and request_id in stats.running
+            else:
+                scheduled = not state.is_prefilling
+            (running if scheduled else waiting).add(served_name(state.lora_request))
+        return AdapterActivity(frozenset(running), frozenset(waiting))
 
     def running_request_count(self) -> int:
         return self._llm.get_num_unfinished_requests()

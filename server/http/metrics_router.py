@@ -34,6 +34,12 @@ async def metrics(request: Request, credentials: BearerDep) -> Response:
     services: Services | None = request.app.state.services
     if services is not None:
         with contextlib.suppress(EngineDeadError):  # while restarting: keep the last values
-            service_metrics.adapters_resident.set(len(await services.adapters.resident_ids()))
+            resident = await services.engine.adapter_residency()
+            service_metrics.adapters_resident.set(len(resident))
             service_metrics.engine_unfinished.set(services.engine.running_request_count())
+            service_metrics.record_lora_state(
+                services.engine.adapter_activity(),
+                services.adapters.served_residency(resident),
+                request.app.state.settings.max_loras,
+            )
     return Response(service_metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
