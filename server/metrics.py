@@ -13,6 +13,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from prometheus_client.exposition import generate_latest
 
 OTHER = "other"
+LORA_INFO = "vllm:lora_requests_info"
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -135,7 +136,29 @@ class ServiceMetrics:
 
     def exposition(self) -> bytes:
         """The service's metrics, then vLLM's (prometheus_client's global registry)."""
+        keep_latest_lora_info(REGISTRY)
         return generate_latest(self.registry) + generate_latest(REGISTRY)
+
+
+def keep_latest_lora_info(registry: CollectorRegistry) -> None:
+    """Bound vLLM's `vllm:lora_requests_info` to its latest series.
+
+    vLLM 0.32 sets one series per distinct (running, waiting) adapter set, labelled with their
+    names, and never removes one: with 1000s of adapters in turn the series (and the API
+    process's memory) grow without bound. Its value is the time of the update, and readers
+    (the Gateway API Inference Extension's endpoint picker) take the newest series, so only
+    that one is kept. Reaches into prometheus_client 0.26's registry: vLLM holds the gauge.
+    """
+    gauge = registry._names_to_collectors.get(LORA_INFO)
+    if not isinstance(gauge, Gauge):
+        return
+    samples = [sample for family in gauge.collect() for sample in family.samples]
+    if len(samples) <= 1:
+        return
+    newest = max(samples, key=lambda sample: sample.value)
+    for sample in samples:
+        if sample is not newest:
+            gauge.remove(*(sample.labels[name] for name in gauge._labelnames))
 
 
 class RequestTracker:

@@ -285,7 +285,7 @@ class VllmEngine:
 
     async def list_adapters(self) -> set[int]:
         with _engine_alive():
-            return await self._llm.list_loras()
+            return set(await self._llm.list_loras())  # vLLM returns a list
 
     def running_request_count(self) -> int:
         return self._llm.get_num_unfinished_requests()
