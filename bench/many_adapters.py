@@ -124,9 +124,39 @@ def start(label: str, registered: int, cache: Path, state: Path, preload: Path, 
         ready = server.wait_ready()
         with httpx.Client(timeout=60) as http:  # settle allocations the first answers make
             http.get(f"{server.base_url}/v1/models")
-        return Start(label, registered, ready, _logged_seconds(server.log()), server.api_rss())
+        result = Start(label, registered, ready, _logged_seconds(server.log()), server.api_rss())
+        logger.info("%s", result)  # each figure as soon as it is measured
+        return result
     finally:
         server.stop()
+
+
+def traced_bytes_per_adapter(state_dir: Path) -> float:
+    """Python memory the API process holds per registered adapter (tracemalloc): the records
+    as read from the registry file, the sorted list, the cached `/v1/models` body."""
+    import tracemalloc
+
+    from adapters.persistence import RegistryStore
+    from adapters.registry import AdapterRegistry
+    from server.http.models_router import ModelListCache
+
+    class Service:  # what ModelListCache reads of the adapter service
+        def __init__(self, registry: AdapterRegistry) -> None:
+            self.registry = registry
+            self.base_model_name = registry.base_model_name
+
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    records, _ = RegistryStore(state_dir).load()
+    registry = AdapterRegistry("tiny-gemma4")
+    for record in records:
+        registry.put(record)
+    registry.by_name()
+    body = ModelListCache().body(Service(registry), 0)  # type: ignore[arg-type]
+    grown = sum(s.size_diff for s in tracemalloc.take_snapshot().compare_to(before, "filename"))
+    tracemalloc.stop()
+    assert body
+    return grown / max(1, len(records))
 
 
 def timed_get(url: str, headers: dict[str, str], calls: int) -> tuple[float, float, int]:
@@ -239,7 +269,9 @@ def main() -> None:
             "/metrics (before churn)": timed_get(f"{server.base_url}/metrics", {}, args.calls),
         }
         cold = asyncio.run(first_use(server.base_url, names[-20:]))
+        logger.info("lists: %s; one-token chats: %s", lists, cold)
         requests, errors, seconds = asyncio.run(churn(server.base_url, names, args.churn_rounds))
+        logger.info("churn: %d requests, %d errors, %.0f s", requests, errors, seconds)
         lists["/metrics (after churn)"] = timed_get(f"{server.base_url}/metrics", {}, args.calls)
         with httpx.Client(timeout=60) as http:
             exposition = http.get(f"{server.base_url}/metrics").text
@@ -266,12 +298,14 @@ def main() -> None:
     for kind, values in cold.items():
         low, high = (1000 * (percentile(values, q) or 0.0) for q in (50, 99))
         print(f"| {kind} | {low:.0f} ms | {high:.0f} ms |")
+    traced = traced_bytes_per_adapter(state)
     per_adapter = (starts[-1].api_rss_bytes - starts[0].api_rss_bytes) / n
     print(
         f"\nAPI process RSS at ready: {starts[0].api_rss_bytes / 2**20:.0f} MiB with none, "
         f"{starts[-1].api_rss_bytes / 2**20:.0f} MiB with {n} (registry file): "
         f"{per_adapter / 1024:.1f} KiB per adapter; {after_rss / 2**20:.0f} MiB after the churn"
     )
+    print(f"Python objects per registered adapter (tracemalloc): {traced / 1024:.1f} KiB")
     print(
         f"Churn: {requests} requests round robin over {n} adapters, 8 at a time, 4 tokens each: "
         f"{errors} errors, {seconds:.0f} s ({requests / seconds:.1f} requests/s)"

@@ -9,6 +9,7 @@ count validations and SIGKILL the engine core to make the supervisor restart it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -41,8 +42,12 @@ WEIGHTS = "adapter_model.safetensors"
 
 def engine_cores() -> set[int]:
     """Pids of the engine-core processes below this test process."""
-    children = psutil.Process(os.getpid()).children(recursive=True)
-    return {c.pid for c in children if "EngineCore" in " ".join(c.cmdline())}
+    cores = set()
+    for child in psutil.Process(os.getpid()).children(recursive=True):
+        with contextlib.suppress(psutil.Error):  # exited meanwhile, or a zombie
+            if "EngineCore" in " ".join(child.cmdline()):
+                cores.add(child.pid)
+    return cores
 
 
 @asynccontextmanager
