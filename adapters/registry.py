@@ -34,6 +34,14 @@ class AdapterRecord:
     request_count: int = 0
     dropped_modules: list[str] = field(default_factory=list)  # tower part not served
     drop_reason: str | None = None  # adapters.validation.DropReason value
+    # adapters.fingerprint of the served folder when it was last validated or hashed: a restart
+    # trusts the validation (recorded here, keyed by sha256) while the fingerprint matches.
+    fingerprint: list[int] | None = None
+    served_sha256: str | None = None  # of the served copy's weights, when it is a copy
+    probed: bool = True  # False: the effect probe is still due (at first use)
+    # False: registered from the preload folder, validated at first use or in the background;
+    # until then sha256, rank and target_modules are unknown ("", 0, []).
+    validated: bool = True
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,12 +71,24 @@ class AdapterRegistry:
         self._records: dict[str, AdapterRecord] = {}
         self._next_id = next_id
         self._locks: dict[str, asyncio.Lock] = {}
+        self._sorted: list[AdapterRecord] | None = None  # by name; rebuilt after a change
+        self.revision = 0  # counts changes, so readers can cache what they derive
 
     def __len__(self) -> int:
         return len(self._records)
 
     def __iter__(self) -> Iterator[AdapterRecord]:
-        return iter(sorted(self._records.values(), key=lambda r: r.name))
+        return iter(self.by_name())
+
+    def by_name(self) -> list[AdapterRecord]:
+        """The records by name; sorted once per change, not once per read (1000s of adapters)."""
+        if self._sorted is None:
+            self._sorted = sorted(self._records.values(), key=lambda r: r.name)
+        return self._sorted
+
+    def _changed(self) -> None:
+        self._sorted = None
+        self.revision += 1
 
     def __contains__(self, name: object) -> bool:
         return name in self._records
@@ -102,12 +122,14 @@ class AdapterRegistry:
         self._next_id = max(self._next_id, record.int_id + 1)
         previous = self._records.get(record.name)
         self._records[record.name] = record
+        self._changed()
         return previous
 
     def remove(self, name: str) -> AdapterRecord:
         """Drop a name at once; AdapterNotFound if it is not registered."""
         record = self.get(name)
         del self._records[name]
+        self._changed()
         return record
 
     def mark_used(self, name: str) -> None:

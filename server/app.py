@@ -196,6 +196,7 @@ async def _start_adapter_services(
     await adapters.restore()
     engine.restore_adapters_with(adapters.restore_into_new_engine)
     await adapters.preload(_startup_folders(settings, preload_dir))
+    adapters.start_validating_pending()
     limits = MediaLimits(
         max_image_bytes=settings.max_image_bytes,
         max_image_pixels=settings.max_image_pixels,
@@ -266,6 +267,7 @@ def create_app(settings: Settings, engine: InferenceEngine | None = None) -> Fas
     app.state.lifecycle = ServiceLifecycle()
     app.state.services = None
     app.state.metrics = ServiceMetrics(settings.metrics_max_adapter_labels)
+    app.state.model_list = models_router.ModelListCache()
     app.add_middleware(
         RequestContextMiddleware,
         metrics=app.state.metrics,

@@ -179,6 +179,7 @@ class ServiceMetrics:
         vLLM's `vllm:lora_requests_info` is left out: the service exports its own (same name,
         served adapter names), and a family may appear only once in an exposition.
         """
+        keep_latest_lora_info(REGISTRY)  # vLLM still sets its own: bound its memory
         vllm = _Without(REGISTRY, {LORA_REQUESTS_INFO})
         return generate_latest(self.registry) + generate_latest(vllm)
 
@@ -192,6 +193,27 @@ class _Without(Collector):
 
     def collect(self) -> Iterator[Metric]:
         return (family for family in self._registry.collect() if family.name not in self._names)
+
+
+def keep_latest_lora_info(registry: CollectorRegistry) -> None:
+    """Bound vLLM's `vllm:lora_requests_info` to its latest series.
+
+    vLLM 0.32 sets one series per distinct (running, waiting) adapter set, labelled with their
+    names, and never removes one: with 1000s of adapters in turn the series (and the API
+    process's memory) grow without bound. Its value is the time of the update, and readers
+    (the Gateway API Inference Extension's endpoint picker) take the newest series, so only
+    that one is kept. Reaches into prometheus_client 0.26's registry: vLLM holds the gauge.
+    """
+    gauge = registry._names_to_collectors.get(LORA_REQUESTS_INFO)
+    if not isinstance(gauge, Gauge):
+        return
+    samples = [sample for family in gauge.collect() for sample in family.samples]
+    if len(samples) <= 1:
+        return
+    newest = max(samples, key=lambda sample: sample.value)
+    for sample in samples:
+        if sample is not newest:
+            gauge.remove(*(sample.labels[name] for name in gauge._labelnames))
 
 
 class RequestTracker:

@@ -404,3 +404,34 @@ async def test_admin_api_is_off_without_admin_keys(
         http(server, None) as client,
     ):
         assert (await client.get("/v1/adapters")).status_code == 200
+
+
+async def test_adapter_list_pages_and_matches_single_reads(admin: LiveServer) -> None:
+    everything = await registered(admin)
+    names = [a["name"] for a in everything]
+    assert names == sorted(names) and len(names) >= 3
+    pages = []
+    async with http(admin) as client:
+        whole = (await client.get("/v1/adapters")).json()
+        after = None
+        while True:
+            params: dict[str, str | int] = {"limit": 2} | ({"after": after} if after else {})
+            page = (await client.get("/v1/adapters", params=params)).json()
+            pages.append(page)
+            if not page["has_more"]:
+                break
+            after = page["last_id"]
+        singles = [(await client.get(f"/v1/adapters/{name}")).json() for name in names]
+        past_the_end = (await client.get("/v1/adapters", params={"after": names[-1]})).json()
+        bad_limit = await client.get("/v1/adapters", params={"limit": 0})
+    assert (whole["has_more"], whole["first_id"], whole["last_id"]) == (False, names[0], names[-1])
+    assert [a["name"] for page in pages for a in page["data"]] == names
+    assert all(len(page["data"]) <= 2 and page["first_id"] for page in pages)
+    # The list is built without pydantic; each entry equals the single read's model.
+    assert [{**a, "last_used": None} for a in whole["data"]] == [
+        {**a, "last_used": None} for a in singles
+    ]
+    assert past_the_end == {
+        "object": "list", "data": [], "first_id": None, "last_id": None, "has_more": False
+    }  # fmt: skip
+    assert_envelope(bad_limit, 400, "BadRequestError")

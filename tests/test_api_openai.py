@@ -81,7 +81,7 @@ async def bridge_text(engine: VllmEngine, api: LiveServer, kind: str, model: str
     prompt: Prompt = await services.chat.renderer.render(
         [ChatMessage.model_validate(m) for m in messages(kind)]
     )
-    lease = services.adapters.acquire(model)
+    lease = await services.adapters.acquire(model)
     pieces = []
     sampling = Sampling(max_tokens=MAX_TOKENS, temperature=0.0)
     async for chunk in engine.generate(f"bridge-{kind}-{model}", prompt, sampling, lease.adapter):

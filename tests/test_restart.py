@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 from pathlib import Path
 
@@ -53,6 +54,9 @@ async def test_adapters_survive_sigkill(tiny: DefaultModel, tmp_path: Path) -> N
             by_upload = await client.post("/v1/adapters", data={"name": "sent"}, files=files)
             assert by_path.status_code == 201 and by_upload.status_code == 201
             before = (await client.get("/v1/adapters")).json()["data"]
+            while any(a["state"] == "pending" for a in before):  # preloaded: validated soon
+                await asyncio.sleep(0.2)
+                before = (await client.get("/v1/adapters")).json()["data"]
         answers = await outputs(base_url, [a["name"] for a in before])
     finally:
         kill_tree(first)

@@ -24,11 +24,13 @@ from adapters.errors import (
     AdapterTooLarge,
     InvalidAdapter,
 )
+from adapters.fingerprint import folder_fingerprint
 from adapters.persistence import RegistryStore
 from adapters.registry import AdapterRecord, AdapterRegistry, check_name
 from adapters.residency import HostCacheModel
-from adapters.sources import resolve_under_roots, store_upload
+from adapters.sources import resolve_under_roots, sha256_file, store_upload
 from adapters.validation import (
+    SAFETENSORS_FILE,
     AdapterManifest,
     ValidationLimits,
     validate_adapter,
@@ -58,6 +60,13 @@ _FAILURE_REASONS: dict[type[Exception], str] = {
 
 def adapter_ref(record: AdapterRecord) -> AdapterRef:
     return AdapterRef(name=record.name, int_id=record.int_id, path=record.path)
+
+
+def _unavailable(record: AdapterRecord, why: str) -> str:
+    return (
+        f"adapter `{record.name}` is registered but cannot be served: {why}. Other models "
+        "are served; the operator can load it again or unload it"
+    )
 
 
 @dataclass(frozen=True)
@@ -134,6 +143,8 @@ class AdapterService:
         self._in_flight: Counter[int] = Counter()
         self._persist_lock = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()
+        self._first_use: dict[int, asyncio.Lock] = {}
+        self._background: asyncio.Task[None] | None = None
 
     @property
     def base_model_name(self) -> str:
@@ -141,16 +152,30 @@ class AdapterService:
 
     # Requests
 
-    def acquire(self, model: str) -> AdapterLease:
-        """The adapter a request's `model` names (None for the base model); 404 if unknown."""
+    async def acquire(self, model: str) -> AdapterLease:
+        """The adapter a request's `model` names (None for the base model); 404 if unknown.
+
+        An adapter not in host memory (by the service's model of the engine's cache) is loaded
+        here, before the request reaches the engine: its files are checked against the
+        registry and a file that vanished or changed gives this request a 503, where the
+        engine would otherwise fail inside a batch (vLLM loads a request's adapter from its
+        path when it schedules it, and a failure there kills the engine core).
+        """
         if model == self.base_model_name:
             return AdapterLease(None, self._in_flight)
-        record = self.registry.find(model)
-        if record is None:
-            raise NotFound(f"The model `{model}` does not exist.", param="model")
-        self.registry.mark_used(model)
-        if self._host_cache.touch(record.int_id):
+        while True:
+            record = self.registry.find(model)
+            if record is None:
+                raise NotFound(f"The model `{model}` does not exist.", param="model")
+            if record.int_id in self._host_cache:
+                break
+            await self._load_on_demand(record)
             self._metrics.adapter_on_demand_loads.inc()
+            if self.registry.find(model) is record:
+                break  # else replaced or unloaded while it loaded: take what the name is now
+        self.registry.mark_used(model)
+        self._host_cache.touch(record.int_id)
+        # Taken before any await: retirement cannot remove this version under the request.
         return AdapterLease(adapter_ref(record), self._in_flight)
 
     def in_flight(self, int_id: int) -> int:
@@ -236,58 +261,101 @@ class AdapterService:
     # Start-up
 
     async def restore(self) -> None:
-        """Load the adapters of the registry file again, under their ids; drop what is gone."""
+        """Register the adapters of the registry file again, same ids; nothing is loaded yet.
+
+        Validation results are the records themselves (sha256, rank, targets, probe done): an
+        adapter is not validated again while its files' fingerprint (size, mtime, inode) is
+        the one recorded. Only pinned adapters are loaded into the engine now; the others are
+        loaded at their first request. Adapters whose files are gone are dropped.
+        """
+        started = time.perf_counter()
         records, next_id = await asyncio.to_thread(self._store.load)
         self.registry.advance_ids(next_id)
         await self._restore(records)
+        logger.info("registry restored in %.3f s", time.perf_counter() - started)
 
     async def restore_into_new_engine(self) -> None:
-        """After an engine restart: load every registered adapter into it, same ids and pins."""
+        """After an engine restart: pinned adapters again, the others at their first request."""
         self._host_cache = HostCacheModel(self._host_cache.capacity)  # the new engine holds none
         await self._restore(list(self.registry))
 
     async def _restore(self, records: list[AdapterRecord]) -> None:
         # EngineDeadError propagates: an engine that died must not cost the registry its entries.
-        for record in records:
-            try:
-                await asyncio.to_thread(
-                    validate_adapter,
-                    Path(record.path),
-                    self._base,
-                    self._limits,
-                    allow_base_mismatch=True,
-                )
-                await self._engine.add_adapter(adapter_ref(record))
-                self._host_cache.touch(record.int_id)
-                if record.pinned:
-                    await self._engine.pin_adapter(record.int_id)
-                    self._host_cache.pin(record.int_id)
-            except EngineDeadError:
-                raise
-            except (AdapterError, EngineError) as exc:
-                logger.error("registered adapter %s could not be restored: %s", record.name, exc)
+        fingerprints = await asyncio.to_thread(
+            lambda: [folder_fingerprint(Path(record.path)) for record in records]
+        )
+        for record, fingerprint in zip(records, fingerprints, strict=True):
+            if fingerprint is None:
+                logger.error("registered adapter %s dropped: its files are gone", record.name)
                 if self.registry.find(record.name) is record:
                     self.registry.remove(record.name)
                 continue
             self.registry.put(record)
+            if record.pinned:
+                try:
+                    await self._load_on_demand(record)
+                    if not await self._engine.pin_adapter(record.int_id):
+                        raise EngineError("the engine could not pin the adapter")
+                    self._host_cache.pin(record.int_id)
+                except EngineDeadError:
+                    raise
+                except (AdapterError, EngineError, ServiceUnavailable) as exc:
+                    # Kept registered: a request for it gets the reason, the rest serves.
+                    logger.error("pinned adapter %s could not be loaded: %s", record.name, exc)
         await self._persist()
-        logger.info("restored %d registered adapters", len(self.registry))
+        logger.info(
+            "restored %d registered adapters (%d pinned loaded, %d to check at first use)",
+            len(self.registry),
+            sum(1 for record in records if record.pinned and record.int_id in self._host_cache),
+            sum(1 for r, f in zip(records, fingerprints, strict=True) if f != r.fingerprint),
+        )
 
     async def preload(self, folders: dict[str, Path]) -> None:
-        """Register adapter folders found at start-up; invalid ones are logged and skipped."""
+        """Register adapter folders found at start-up, as pending: validated later.
+
+        Validating costs ~10 ms per adapter, seconds for thousands, so a new folder is only
+        registered here (its name is served at once). It is validated at its first request or
+        by `validate_pending` in the background, whichever comes first; an invalid one is then
+        logged and unregistered. It is loaded into the engine (and probed) at its first
+        request, like every unpinned adapter. Names already registered are left as they are.
+        """
+        started = time.perf_counter()
+        added = 0
         for name, folder in folders.items():
             if name in self.registry:
                 continue
             try:
                 check_name(name, self.base_model_name)
                 async with self.registry.locked(name):
-                    record = await self._load_folder(name, folder, name, pin=False)
-                    self.registry.put(record)
+                    self.registry.put(self._pending_record(name, folder))
+                    added += 1
             except AdapterError as exc:
                 logger.error("adapter %s in the preload folder skipped: %s", name, exc.message)
         await self._persist()
+        logger.info(
+            "preload: %d new of %d folders registered in %.3f s",
+            added,
+            len(folders),
+            time.perf_counter() - started,
+        )
+
+    def start_validating_pending(self) -> None:
+        """Validate pending adapters in the background, one at a time, in name order."""
+        self._background = asyncio.create_task(self._validate_all_pending())
+
+    async def _validate_all_pending(self) -> None:
+        for record in list(self.registry):
+            if record.validated:
+                continue
+            async with self._first_use.setdefault(record.int_id, asyncio.Lock()):
+                if record.validated or self.registry.find(record.name) is not record:
+                    continue
+                with contextlib.suppress(ServiceUnavailable):  # logged and unregistered
+                    await self._validate_pending(record)
 
     async def shutdown(self) -> None:
+        if self._background is not None:
+            self._background.cancel()
         for task in self._retiring:
             task.cancel()
 
@@ -321,6 +389,38 @@ class AdapterService:
         drop_tower_weights: bool = False,
         version: int = 1,
     ) -> AdapterRecord:
+        record, manifest = await self._validated_record(
+            name,
+            folder,
+            source,
+            self.registry.allocate_id(),
+            pin=pin,
+            version=version,
+            allow_base_mismatch=allow_base_mismatch,
+            drop_tower_weights=drop_tower_weights,
+        )
+        served = Path(record.path)
+        try:
+            await self._add_to_engine(record, manifest)
+        except BaseException:
+            if served != folder:
+                await asyncio.to_thread(shutil.rmtree, served, True)
+            raise
+        return record
+
+    async def _validated_record(
+        self,
+        name: str,
+        folder: Path,
+        source: str,
+        int_id: int,
+        *,
+        pin: bool,
+        version: int,
+        allow_base_mismatch: bool = False,
+        drop_tower_weights: bool = False,
+    ) -> tuple[AdapterRecord, AdapterManifest]:
+        """Validate `folder`; the record to serve it as (a copy without a dropped tower part)."""
         manifest = await asyncio.to_thread(
             validate_adapter,
             folder,
@@ -329,12 +429,15 @@ class AdapterService:
             allow_base_mismatch=allow_base_mismatch,
             drop_tower_weights=drop_tower_weights,
         )
-        int_id = self.registry.allocate_id()
         served = folder
+        served_sha256 = None
         if manifest.drops:
             # The engine gets a copy without the tower part; the original is never changed.
             served = self._sources.served_dir.resolve() / f"{name}-{int_id}"
             await asyncio.to_thread(write_served_copy, folder, manifest, served)
+            served_sha256 = await asyncio.to_thread(sha256_file, served / SAFETENSORS_FILE)
+        # Taken after validation: a change while it ran shows as a mismatch at first use.
+        fingerprint = await asyncio.to_thread(folder_fingerprint, served)
         record = AdapterRecord(
             name=name,
             source=source,
@@ -347,14 +450,10 @@ class AdapterService:
             pinned=pin,
             dropped_modules=list(manifest.dropped_modules),
             drop_reason=manifest.drop_reason.value if manifest.drop_reason else None,
+            fingerprint=fingerprint,
+            served_sha256=served_sha256,
         )
-        try:
-            await self._add_to_engine(record, manifest)
-        except BaseException:
-            if served != folder:
-                await asyncio.to_thread(shutil.rmtree, served, True)
-            raise
-        return record
+        return record, manifest
 
     async def _add_to_engine(self, record: AdapterRecord, manifest: AdapterManifest) -> None:
         """Load into the engine, pin, probe; on any refusal leave nothing in the engine."""
@@ -378,6 +477,125 @@ class AdapterService:
         except BaseException:
             await self._forget(record)
             raise
+
+    async def _load_on_demand(self, record: AdapterRecord) -> None:
+        """Check the files if not yet done, load into the engine, probe if still due; else 503."""
+        async with self._first_use.setdefault(record.int_id, asyncio.Lock()):
+            if record.int_id in self._host_cache:
+                return  # a concurrent request loaded it meanwhile
+            await self._check_files(record)
+            try:
+                await self._engine.add_adapter(adapter_ref(record))
+            except EngineError as exc:
+                if isinstance(exc, EngineDeadError):
+                    raise
+                logger.error("registered adapter %s could not be loaded: %s", record.name, exc)
+                raise ServiceUnavailable(
+                    _unavailable(record, "the engine could not load it")
+                ) from exc
+            self._host_cache.touch(record.int_id)
+            if not record.probed:
+                await self._probe_at_first_use(record)
+
+    async def _check_files(self, record: AdapterRecord) -> None:
+        """The served files are the ones registered: same fingerprint, or else same content."""
+        if not record.validated:
+            await self._validate_pending(record)
+            return
+        folder = Path(record.path)
+        fingerprint = await asyncio.to_thread(folder_fingerprint, folder)
+        if fingerprint is None:
+            logger.error("registered adapter %s: its files are missing", record.name)
+            raise ServiceUnavailable(_unavailable(record, "its files are missing"))
+        if fingerprint != record.fingerprint:
+            try:
+                manifest = await asyncio.to_thread(
+                    validate_adapter, folder, self._base, self._limits, allow_base_mismatch=True
+                )
+            except AdapterError as exc:
+                logger.error("registered adapter %s no longer validates: %s", record.name, exc)
+                raise ServiceUnavailable(
+                    _unavailable(record, f"its files changed and are invalid: {exc.message}")
+                ) from exc
+            # A served copy registered before copies were hashed is known only by validity.
+            unknown_copy = bool(record.dropped_modules) and record.served_sha256 is None
+            same = manifest.sha256 == (record.served_sha256 or record.sha256) or unknown_copy
+            if not same or (manifest.rank, manifest.target_modules) != (
+                record.rank,
+                record.target_modules,
+            ):
+                logger.error("registered adapter %s: its files changed", record.name)
+                raise ServiceUnavailable(
+                    _unavailable(
+                        record,
+                        "its files changed since it was registered; load it again with "
+                        "replace=true to serve the new version",
+                    )
+                )
+            record.fingerprint = fingerprint
+            if unknown_copy:
+                record.served_sha256 = manifest.sha256
+            await self._persist()
+
+    def _pending_record(self, name: str, folder: Path) -> AdapterRecord:
+        return AdapterRecord(
+            name=name,
+            source=name,
+            path=str(folder),
+            sha256="",
+            rank=0,
+            target_modules=[],
+            int_id=self.registry.allocate_id(),
+            probed=not self._probe,
+            validated=False,
+        )
+
+    async def _validate_pending(self, record: AdapterRecord) -> None:
+        """Validate a pending adapter; fill its record in, or unregister it (503 to the caller)."""
+        try:
+            checked, manifest = await self._validated_record(
+                record.name,
+                Path(record.path),
+                record.source,
+                record.int_id,
+                pin=record.pinned,
+                version=record.version,
+            )
+        except AdapterError as exc:
+            logger.error("adapter %s in the preload folder skipped: %s", record.name, exc.message)
+            await self._unregister(record)
+            raise ServiceUnavailable(
+                f"adapter `{record.name}` cannot be served and was unregistered: {exc.message}"
+            ) from exc
+        # The same object: leases and the registry already hold it.
+        record.path = checked.path
+        record.sha256 = checked.sha256
+        record.rank = checked.rank
+        record.target_modules = checked.target_modules
+        record.dropped_modules = checked.dropped_modules
+        record.drop_reason = checked.drop_reason
+        record.fingerprint = checked.fingerprint
+        record.served_sha256 = checked.served_sha256
+        record.probed = record.probed or manifest.serves_towers  # a text probe cannot see towers
+        record.validated = True
+        await self._persist()
+
+    async def _unregister(self, record: AdapterRecord) -> None:
+        async with self.registry.locked(record.name):
+            if self.registry.find(record.name) is record:
+                self.registry.remove(record.name)
+                await self._persist()
+        self._retire(record)
+
+    async def _probe_at_first_use(self, record: AdapterRecord) -> None:
+        """The effect probe of an adapter registered without the engine (the preload folder)."""
+        try:
+            await self._check_effect(record)
+        except InvalidAdapter as exc:
+            await self._unregister(record)
+            raise ServiceUnavailable(exc.message) from exc
+        record.probed = True
+        await self._persist()
 
     async def _check_effect(self, record: AdapterRecord) -> None:
         result = await probe_effect(self._engine, adapter_ref(record))
@@ -417,6 +635,7 @@ class AdapterService:
             await asyncio.sleep(0.05)
         del self._in_flight[record.int_id]
         self._host_cache.drop(record.int_id)
+        self._first_use.pop(record.int_id, None)
         with contextlib.suppress(EngineDeadError):  # a dead engine's copy is gone with it
             await self._engine.remove_adapter(record.int_id)
         folder = Path(record.path)

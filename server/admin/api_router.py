@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import bisect
+import json
 from collections.abc import Mapping
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
@@ -18,6 +21,7 @@ from server.admin.protocol import (
     AdapterUploadForm,
     VllmLoadLoraAdapter,
     VllmUnloadLoraAdapter,
+    public_fields,
 )
 from server.http.deps import ServicesDep, require_admin_key
 from server.http.errors import BadRequest
@@ -118,15 +122,27 @@ async def load_adapter(request: Request, services: ServicesDep) -> JSONResponse:
     return JSONResponse(public.model_dump(), status_code=200 if replacing else 201)
 
 
-@router.get("/adapters")
-async def list_adapters(services: ServicesDep) -> AdapterList:
+@router.get("/adapters", response_model=AdapterList, responses=errors(400))
+async def list_adapters(
+    services: ServicesDep,
+    limit: Annotated[int | None, Query(ge=1, description="At most this many; unset: all")] = None,
+    after: Annotated[str | None, Query(description="Start after this name (a last_id)")] = None,
+) -> Response:
+    """Registered adapters by name, as one page of OpenAI's list shape (all of them by default)."""
     resident = await services.adapters.resident_ids()
-    return AdapterList(
-        data=[
-            AdapterPublic.of(record, resident=record.int_id in resident)
-            for record in services.adapters.registry
-        ]
-    )
+    records = services.adapters.registry.by_name()
+    start = bisect.bisect_right(records, after, key=lambda r: r.name) if after is not None else 0
+    end = len(records) if limit is None else min(len(records), start + limit)
+    page = records[start:end]
+    body = {
+        "object": "list",
+        "data": [public_fields(record, resident=record.int_id in resident) for record in page],
+        "first_id": page[0].name if page else None,
+        "last_id": page[-1].name if page else None,
+        "has_more": end < len(records),
+    }
+    # Serialised here, not through the response model: 1000s of adapters in a few ms.
+    return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
 
 
 @router.get("/adapters/{name}", responses=errors(404))

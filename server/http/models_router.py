@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
 from openai.types import Model
 from pydantic import BaseModel
 
+from adapters.registry import AdapterRecord
 from server.admin.adapter_service import AdapterService
 from server.http.deps import ServicesDep, require_inference_key
 from server.http.errors import NotFound
@@ -18,6 +20,7 @@ router = APIRouter(
 )
 
 OWNER = "gemma-adapter-server"
+JSON = "application/json"
 
 
 class ModelCard(Model):
@@ -35,28 +38,52 @@ class ModelList(BaseModel):
 def model_cards(adapters: AdapterService, base_created: int) -> list[ModelCard]:
     base = adapters.base_model_name
     cards = [ModelCard(id=base, object="model", created=base_created, owned_by=OWNER, root=base)]
-    cards += [
-        ModelCard(
-            id=record.name,
-            object="model",
-            created=int(record.loaded_at),
-            owned_by=OWNER,
-            root=record.source,
-            parent=base,
-        )
-        for record in adapters.registry
-    ]
+    cards += [_adapter_card(record, base) for record in adapters.registry]
     return cards
 
 
-@router.get("/models", openapi_extra=KEY_OPTIONAL)
-async def list_models(services: ServicesDep) -> ModelList:
-    return ModelList(data=model_cards(services.adapters, services.started_at))
+def _adapter_card(record: AdapterRecord, base: str) -> ModelCard:
+    return ModelCard(
+        id=record.name,
+        object="model",
+        created=int(record.loaded_at),
+        owned_by=OWNER,
+        root=record.source,
+        parent=base,
+    )
+
+
+class ModelListCache:
+    """`GET /v1/models` serialised once per registry change: with 1000s of adapters, building
+    and serialising the cards costs ~10 ms, a cached body nothing."""
+
+    def __init__(self) -> None:
+        self._revision: int | None = None
+        self._body = b""
+
+    def body(self, adapters: AdapterService, base_created: int) -> bytes:
+        revision = adapters.registry.revision
+        if revision != self._revision:
+            cards = model_cards(adapters, base_created)
+            self._body = ModelList(data=cards).model_dump_json().encode()
+            self._revision = revision
+        return self._body
+
+
+@router.get("/models", response_model=ModelList, openapi_extra=KEY_OPTIONAL)
+async def list_models(request: Request, services: ServicesDep) -> Response:
+    cache: ModelListCache = request.app.state.model_list
+    return Response(cache.body(services.adapters, services.started_at), media_type=JSON)
 
 
 @router.get("/models/{model_id}", responses=errors(404), openapi_extra=KEY_OPTIONAL)
 async def get_model(model_id: str, services: ServicesDep) -> ModelCard:
-    for card in model_cards(services.adapters, services.started_at):
-        if card.id == model_id:
-            return card
-    raise NotFound(f"The model `{model_id}` does not exist.", param="model")
+    base = services.adapters.base_model_name
+    if model_id == base:
+        return ModelCard(
+            id=base, object="model", created=services.started_at, owned_by=OWNER, root=base
+        )
+    record = services.adapters.registry.find(model_id)
+    if record is None:
+        raise NotFound(f"The model `{model_id}` does not exist.", param="model")
+    return _adapter_card(record, base)

@@ -56,7 +56,7 @@ class CompletionService:
         streams = []
         try:
             for i, text in enumerate(prompts):
-                lease = self._resolve_model(request.model)
+                lease = await self._resolve_model(request.model)
                 tracker = self._metrics.track(request.model)
                 streams.append(
                     await open_generation(

@@ -164,6 +164,37 @@ def write_demo_adapters(model_dir: Path, out_dir: Path, *, seed: int = 0) -> dic
     return written
 
 
+def write_adapter_variants(
+    template: Path, out_dir: Path, names: list[str], *, seed: int = 0
+) -> dict[str, Path]:
+    """Copies of the adapter in `template` as `out_dir/<name>/`, each a different adapter.
+
+    Each copy's `lora_B` is scaled element by element by a seeded factor in [0.5, 1.5), so every
+    copy has its own weights (and sha256) and changes the output as much as the template does.
+    No model is loaded: a thousand take seconds, for tests and benchmarks of many adapters.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(Path(template) / "adapter_model.safetensors"))
+    config = (Path(template) / "adapter_config.json").read_bytes()
+    generator = torch.Generator().manual_seed(seed)
+    written: dict[str, Path] = {}
+    for name in names:
+        folder = Path(out_dir) / name
+        folder.mkdir(parents=True, exist_ok=True)
+        varied = {
+            key: value * (0.5 + torch.rand(value.shape, generator=generator))
+            if "lora_B" in key
+            else value
+            for key, value in tensors.items()
+        }
+        save_file(varied, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (folder / "adapter_config.json").write_bytes(config)
+        written[name] = folder
+    return written
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command line entry point."""
     parser = argparse.ArgumentParser(description="Write the demo LoRA adapters of the tiny model.")
