@@ -17,7 +17,7 @@ through the admin API. Then the script checks, and prints as a markdown table:
   half of the traffic time (along the least-squares line of the samples) beyond
   `--max-late-rss-growth-mib` is a leak; growth from start to end beyond `--max-rss-growth-mib` is
   a plateau too high. Start to end alone cannot tell the two apart: the worker's RSS rises at
-  first however healthy it is, as oneDNN compiles a GEMM primitive (~0.5 MiB) for each new
+  first however healthy it is, as oneDNN compiles a GEMM primitive (~0.6-0.7 MiB) for each new
   prompt length until its cache (bounded by the service) is full, and then levels off; a leak
   keeps growing. Open-file growth beyond `--max-fd-growth` is a failure.
 

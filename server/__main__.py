@@ -19,7 +19,7 @@ from server.settings import Settings
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # oneDNN (the CPU GEMMs of vLLM and torch) keeps up to 1024 compiled primitives by default, one per
-# GEMM shape, about 0.5 MiB each: every new prompt length makes new shapes, and the vLLM worker
+# GEMM shape, about 0.6-0.7 MiB each: every new prompt length makes new shapes, and the vLLM worker
 # grew by hundreds of MiB under mixed traffic (BENCHMARKS.md, Soak). Bounded lower here, for the
 # engine processes vLLM spawns; an explicit ONEDNN_PRIMITIVE_CACHE_CAPACITY wins.
 ONEDNN_PRIMITIVE_CACHE_CAPACITY = "128"

@@ -1,7 +1,7 @@
 """The engine's oneDNN primitive cache is bounded by `python -m server`, and that bounds memory.
 
 vLLM's CPU GEMM (`onednn_mm`) compiles a oneDNN primitive per GEMM shape; oneDNN keeps up to 1024
-of them by default, about 0.5 MiB each, so mixed prompt lengths grew the worker by hundreds of
+of them by default, about 0.6-0.7 MiB each, so mixed prompt lengths grew the worker by hundreds of
 MiB. `server.__main__` sets a smaller capacity for the engine processes it spawns.
 """
 
@@ -41,8 +41,8 @@ def growth_mib(capacity: str | None) -> float:
 def test_the_services_capacity_bounds_the_gemm_memory_that_the_default_lets_grow() -> None:
     unbounded = growth_mib(None)
     bounded = growth_mib(ONEDNN_PRIMITIVE_CACHE_CAPACITY)
-    assert unbounded > 150, f"oneDNN's default cache kept {unbounded:.0f} MiB"
-    assert bounded < 100, f"the service's capacity kept {bounded:.0f} MiB"
+    assert unbounded > 200, f"oneDNN's default cache kept {unbounded:.0f} MiB"
+    assert bounded < 120, f"the service's capacity kept {bounded:.0f} MiB"
 
 
 def test_the_server_sets_the_capacity_unless_one_is_given() -> None:
