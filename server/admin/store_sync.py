@@ -266,6 +266,8 @@ class StoreSync:
                 continue  # the supervisor restarts the engine; the next poll catches up
             except (StoreError, OSError) as exc:
                 logger.warning("adapter store poll failed: %s", exc)
+            except Exception:  # the watcher must outlive any one bad poll
+                logger.exception("adapter store poll failed")
 
     def start(self) -> None:
         self._watching = asyncio.create_task(self._watch())
