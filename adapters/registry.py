@@ -42,6 +42,7 @@ class AdapterRecord:
     # False: registered from the preload folder, validated at first use or in the background;
     # until then sha256, rank and target_modules are unknown ("", 0, []).
     validated: bool = True
+    store_version: str | None = None  # the shared store's version digest; None: local only
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

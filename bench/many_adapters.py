@@ -152,7 +152,7 @@ def traced_bytes_per_adapter(state_dir: Path) -> float:
     for record in records:
         registry.put(record)
     registry.by_name()
-    body = ModelListCache().body(Service(registry), 0)  # type: ignore[arg-type]
+    body = ModelListCache().body(Service(registry), 0, None)  # type: ignore[arg-type]
     grown = sum(s.size_diff for s in tracemalloc.take_snapshot().compare_to(before, "filename"))
     tracemalloc.stop()
     assert body

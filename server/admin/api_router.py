@@ -23,6 +23,7 @@ from server.admin.protocol import (
     VllmUnloadLoraAdapter,
     public_fields,
 )
+from server.admin.store_sync import record_of
 from server.http.deps import ServicesDep, require_admin_key
 from server.http.errors import BadRequest
 from server.http.openapi import ADMIN_ROUTE, BODY, errors
@@ -116,10 +117,10 @@ _LOAD_BODY = {
 async def load_adapter(request: Request, services: ServicesDep) -> JSONResponse:
     """Load an adapter (201), or a new version of one with `replace` (200)."""
     load = await _load_request(request)
-    replacing = load.name in services.adapters.registry
     record = await services.adapters.load(load)
     public = await _public(services.adapters, record.name)
-    return JSONResponse(public.model_dump(), status_code=200 if replacing else 201)
+    # A new version (here or, with a shared store, through any replica) counts from 2.
+    return JSONResponse(public.model_dump(), status_code=200 if record.version > 1 else 201)
 
 
 @router.get("/adapters", response_model=AdapterList, responses=errors(400))
@@ -131,12 +132,31 @@ async def list_adapters(
     """Registered adapters by name, as one page of OpenAI's list shape (all of them by default)."""
     resident = await services.adapters.resident_ids()
     records = services.adapters.registry.by_name()
+    stored: set[str] = set()
+    if (
+        services.store is not None
+    ):  # with a shared store: what any replica serves, as of the last poll
+        only_there = [
+            record_of(manifest)
+            for manifest in services.store.manifests()
+            if manifest.name not in services.adapters.registry
+        ]
+        stored = {record.name for record in only_there}
+        if only_there:
+            records = sorted(records + only_there, key=lambda r: r.name)
     start = bisect.bisect_right(records, after, key=lambda r: r.name) if after is not None else 0
     end = len(records) if limit is None else min(len(records), start + limit)
     page = records[start:end]
     body = {
         "object": "list",
-        "data": [public_fields(record, resident=record.int_id in resident) for record in page],
+        "data": [
+            public_fields(
+                record,
+                resident=record.int_id in resident,
+                state="stored" if record.name in stored else None,
+            )
+            for record in page
+        ],
         "first_id": page[0].name if page else None,
         "last_id": page[-1].name if page else None,
         "has_more": end < len(records),

@@ -75,7 +75,9 @@ class AdapterPublic(BaseModel):
     rank: int
     target_modules: list[str]
     id: int
-    state: Literal["ready", "pending", "unloaded"]  # pending: to be validated at first use
+    # pending: registered, to be validated at first use; stored: in the shared adapter store,
+    # not loaded on this replica yet (id 0)
+    state: Literal["ready", "pending", "unloaded", "stored"]
     loaded_at: int
     pinned: bool
     resident: bool
@@ -115,7 +117,9 @@ def _dropped(record: AdapterRecord) -> DroppedPart | None:
     )
 
 
-def public_fields(record: AdapterRecord, *, resident: bool) -> dict[str, Any]:
+def public_fields(
+    record: AdapterRecord, *, resident: bool, state: str | None = None
+) -> dict[str, Any]:
     """`AdapterPublic.of(record, ...).model_dump()` built directly: the list route builds one
     per registered adapter, and pydantic would cost ~50 us each (50 ms for 1000)."""
     dropped = _dropped(record)
@@ -128,7 +132,7 @@ def public_fields(record: AdapterRecord, *, resident: bool) -> dict[str, Any]:
         "rank": record.rank,
         "target_modules": record.target_modules,
         "id": record.int_id,
-        "state": "ready" if record.validated else "pending",
+        "state": state or ("ready" if record.validated else "pending"),
         "loaded_at": int(record.loaded_at),
         "pinned": record.pinned,
         "resident": resident,

@@ -11,6 +11,7 @@ from pydantic import BaseModel
 
 from adapters.registry import AdapterRecord
 from server.admin.adapter_service import AdapterService
+from server.admin.store_sync import StoreSync
 from server.http.deps import ServicesDep, require_inference_key
 from server.http.errors import NotFound
 from server.http.openapi import INFERENCE_ROUTE, KEY_OPTIONAL, errors
@@ -35,10 +36,27 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-def model_cards(adapters: AdapterService, base_created: int) -> list[ModelCard]:
+def model_cards(
+    adapters: AdapterService, base_created: int, store: StoreSync | None = None
+) -> list[ModelCard]:
+    """The base model, the adapters served here, then those only in the shared store (every
+    replica serves them: the first request pulls them)."""
     base = adapters.base_model_name
     cards = [ModelCard(id=base, object="model", created=base_created, owned_by=OWNER, root=base)]
     cards += [_adapter_card(record, base) for record in adapters.registry]
+    served = adapters.registry
+    cards += [
+        ModelCard(
+            id=manifest.name,
+            object="model",
+            created=int(manifest.updated_at),
+            owned_by=OWNER,
+            root=manifest.source,
+            parent=base,
+        )
+        for manifest in (store.manifests() if store is not None else [])
+        if manifest.name not in served
+    ]
     return cards
 
 
@@ -54,17 +72,17 @@ def _adapter_card(record: AdapterRecord, base: str) -> ModelCard:
 
 
 class ModelListCache:
-    """`GET /v1/models` serialised once per registry change: with 1000s of adapters, building
-    and serialising the cards costs ~10 ms, a cached body nothing."""
+    """`GET /v1/models` serialised once per registry or store change: with 1000s of adapters,
+    building and serialising the cards costs ~10 ms, a cached body nothing."""
 
     def __init__(self) -> None:
-        self._revision: int | None = None
+        self._revision: tuple[int, int] | None = None
         self._body = b""
 
-    def body(self, adapters: AdapterService, base_created: int) -> bytes:
-        revision = adapters.registry.revision
+    def body(self, adapters: AdapterService, base_created: int, store: StoreSync | None) -> bytes:
+        revision = (adapters.registry.revision, store.revision if store is not None else 0)
         if revision != self._revision:
-            cards = model_cards(adapters, base_created)
+            cards = model_cards(adapters, base_created, store)
             self._body = ModelList(data=cards).model_dump_json().encode()
             self._revision = revision
         return self._body
@@ -73,7 +91,8 @@ class ModelListCache:
 @router.get("/models", response_model=ModelList, openapi_extra=KEY_OPTIONAL)
 async def list_models(request: Request, services: ServicesDep) -> Response:
     cache: ModelListCache = request.app.state.model_list
-    return Response(cache.body(services.adapters, services.started_at), media_type=JSON)
+    body = cache.body(services.adapters, services.started_at, services.store)
+    return Response(body, media_type=JSON)
 
 
 @router.get("/models/{model_id}", responses=errors(404), openapi_extra=KEY_OPTIONAL)
@@ -84,6 +103,9 @@ async def get_model(model_id: str, services: ServicesDep) -> ModelCard:
             id=base, object="model", created=services.started_at, owned_by=OWNER, root=base
         )
     record = services.adapters.registry.find(model_id)
-    if record is None:
-        raise NotFound(f"The model `{model_id}` does not exist.", param="model")
-    return _adapter_card(record, base)
+    if record is not None:
+        return _adapter_card(record, base)
+    for card in model_cards(services.adapters, services.started_at, services.store):
+        if card.id == model_id:  # only in the shared store
+            return card
+    raise NotFound(f"The model `{model_id}` does not exist.", param="model")

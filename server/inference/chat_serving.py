@@ -53,7 +53,8 @@ from server.inference.sse import DONE, sse_event
 from server.inference.tool_grammar import MARKER_TOKENS
 from server.metrics import ServiceMetrics
 
-# The adapter a request's `model` names (loaded into the engine if it was not in memory).
+# The adapter a request's `model` names: pulled from the shared store first if need be, and
+# loaded into the engine if it was not in memory.
 ModelResolver = Callable[[str], Awaitable[AdapterLease]]
 
 
