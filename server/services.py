@@ -8,6 +8,7 @@ from server.admin.adapter_service import AdapterService
 from server.engine.supervisor import EngineSupervisor
 from server.inference.chat_serving import ChatService
 from server.inference.completion_serving import CompletionService
+from server.responses.serving import ResponsesService
 
 
 @dataclass(frozen=True)
@@ -16,4 +17,5 @@ class Services:
     adapters: AdapterService
     chat: ChatService
     completions: CompletionService
+    responses: ResponsesService
     started_at: int  # unix time the base model became ready
