@@ -29,6 +29,9 @@ from openai.types.responses import (
     ResponseTextDoneEvent,
 )
 from openai.types.responses.response_content_part_added_event import PartReasoningText
+from openai.types.responses.response_content_part_done_event import (
+    PartReasoningText as DonePartReasoningText,
+)
 from openai.types.responses.response_reasoning_item import Content as ReasoningContent
 from pydantic import BaseModel
 
@@ -152,7 +155,7 @@ class OutputAssembler:
         if item is None:
             return []
         done: ResponseOutputItem
-        part: ResponseOutputText | PartReasoningText
+        part: ResponseOutputText | DonePartReasoningText
         if item.kind == "message":
             part = ResponseOutputText(type="output_text", text=item.text, annotations=[])
             done = ResponseOutputMessage(
@@ -168,7 +171,7 @@ class OutputAssembler:
                 logprobs=[],
             )
         else:
-            part = PartReasoningText(type="reasoning_text", text=item.text)
+            part = DonePartReasoningText(type="reasoning_text", text=item.text)
             done = ResponseReasoningItem(
                 id=item.id,
                 type="reasoning",
