@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from openai.types.responses import Response
+from pydantic import ValidationError
 
 from server.admin.adapter_service import AdapterLease
 from server.engine.gemma4_parser import VllmOutputParsers
@@ -281,3 +282,19 @@ def test_the_store_drops_the_least_recently_used() -> None:
     off = ResponseStore(0)
     off.put(stored("a"))
     assert len(off) == 0
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"tool_choice": {"type": {}}},
+        {"tools": [1]},
+        {"input": ["text"]},
+        {"input": [{"type": [1]}]},
+        {"input": [{"role": "user", "content": [3]}]},
+    ],
+)
+def test_malformed_items_are_validation_errors(body: dict[str, Any]) -> None:
+    """Found by the fuzzer: a `type` that is not a string once raised a TypeError (a 500)."""
+    with pytest.raises(ValidationError):
+        ResponsesRequest.model_validate({"model": "m", "input": "Hi", **body})

@@ -43,8 +43,11 @@ def _kind(default: str, known: set[str]) -> Any:
     so an unserved type reaches the service, which refuses it by name."""
 
     def kind(value: Any) -> str:
-        given = value.get("type", default) if isinstance(value, dict) else value.type
-        return given if given in known else "other"
+        # Any JSON may arrive here: a non-string type (or a non-object) is "other", a 400.
+        given = (
+            value.get("type", default) if isinstance(value, dict) else getattr(value, "type", None)
+        )
+        return given if isinstance(given, str) and given in known else "other"
 
     return Discriminator(kind)
 

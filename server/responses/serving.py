@@ -145,7 +145,6 @@ def _echo(request: ResponsesRequest) -> dict[str, Any]:
     choice: Any = request.tool_choice
     if isinstance(choice, FunctionToolChoiceIn):
         choice = {"type": "function", "name": choice.name}
-    text_format = request.text.format if request.text else None
     return {
         "model": request.model,
         "instructions": request.instructions,
@@ -157,14 +156,17 @@ def _echo(request: ResponsesRequest) -> dict[str, Any]:
         "previous_response_id": request.previous_response_id,
         "tool_choice": choice or "auto",
         "tools": tools,
-        "text": {
-            "format": text_format.model_dump(by_alias=True, exclude_none=True)
-            if text_format
-            else {"type": "text"}
-        },
+        "text": {"format": _format_echo(request)},
         "reasoning": {"effort": request.reasoning.effort if request.reasoning else None},
         "user": request.user,
     }
+
+
+def _format_echo(request: ResponsesRequest) -> dict[str, Any]:
+    text_format = request.text.format if request.text else None
+    if text_format is None or text_format.type != "json_schema":
+        return {"type": text_format.type if text_format else "text"}
+    return text_format.model_dump(by_alias=True, exclude_none=True)
 
 
 def _sse(event: BaseModel) -> str:
