@@ -50,6 +50,9 @@ from server.inference.prompt import ChatRenderer
 from server.lifecycle import Phase, ServiceLifecycle
 from server.metrics import ServiceMetrics
 from server.playground import api_router as playground_router
+from server.responses import api_router as responses_router
+from server.responses.serving import ResponsesService
+from server.responses.store import ResponseStore
 from server.services import Services
 from server.settings import Settings
 from server.testbed.default_model import ensure_default_model
@@ -223,11 +226,13 @@ async def _start_adapter_services(
     )
     # vLLM's Gemma 4 output parser: imported once here (seconds), used by every tools request.
     parsers = await asyncio.to_thread(VllmOutputParsers, renderer.tokenizer)
+    chat = ChatService(engine, renderer, resolve, metrics, parsers)
     app.state.services = Services(
         engine=engine,
         adapters=adapters,
-        chat=ChatService(engine, renderer, resolve, metrics, parsers),
+        chat=chat,
         completions=CompletionService(engine, resolve, metrics),
+        responses=ResponsesService(chat, ResponseStore(settings.responses_store_size)),
         started_at=int(time.time()),
         store=store_sync,
     )
@@ -311,8 +316,9 @@ def create_app(settings: Settings, engine: InferenceEngine | None = None) -> Fas
     app.include_router(metrics_router.router)
     app.include_router(models_router.router)
     app.include_router(inference_router.router)
+    app.include_router(responses_router.router)
     app.include_router(admin_router.router)
     if settings.playground:
         app.include_router(playground_router.router)
-    service_openapi(app, inference_router.ANSWER_MODELS)
+    service_openapi(app, [*inference_router.ANSWER_MODELS, *responses_router.ANSWER_MODELS])
     return app

@@ -9,6 +9,7 @@ from server.admin.store_sync import StoreSync
 from server.engine.supervisor import EngineSupervisor
 from server.inference.chat_serving import ChatService
 from server.inference.completion_serving import CompletionService
+from server.responses.serving import ResponsesService
 
 
 @dataclass(frozen=True)
@@ -17,5 +18,6 @@ class Services:
     adapters: AdapterService
     chat: ChatService
     completions: CompletionService
+    responses: ResponsesService
     started_at: int  # unix time the base model became ready
     store: StoreSync | None = None  # the shared adapter store, when configured

@@ -169,6 +169,12 @@ class Settings(BaseSettings):
     playground: bool = Field(
         True, description="Serve the playground web page at / and /playground (--no-playground)."
     )
+    responses_store_size: int = Field(
+        256,
+        ge=0,
+        description="Responses kept in memory (per process, least recently used dropped) for "
+        "previous_response_id and GET/DELETE /v1/responses/{id}; 0: none.",
+    )
 
     # Engine supervision
     engine_max_restarts: int = Field(

@@ -59,6 +59,9 @@ def test_every_reference_resolves() -> None:
             {"200", "400", "401", "404", "413", "500", "503"},
         ),
         (("POST", "/v1/completions"), {"200", "400", "401", "404", "413", "500", "503"}),
+        (("POST", "/v1/responses"), {"200", "400", "401", "404", "413", "500", "503"}),
+        (("GET", "/v1/responses/{response_id}"), {"200", "400", "401", "404", "503"}),
+        (("DELETE", "/v1/responses/{response_id}"), {"200", "400", "401", "404", "503"}),
         (("GET", "/v1/adapters"), {"200", "400", "401", "403", "503"}),  # 400: bad `limit`
         (
             ("POST", "/v1/adapters"),
@@ -132,3 +135,29 @@ def test_adapter_loads_take_json_or_multipart_and_keys_are_bearer_tokens() -> No
     assert OPERATIONS[("GET", "/v1/adapters")]["security"] == [{"BearerKey": []}]
     # Inference and metrics need a key only when keys are configured.
     assert {} in OPERATIONS[("POST", "/v1/chat/completions")]["security"]
+
+
+def test_responses_answer_json_or_named_events() -> None:
+    content = OPERATIONS[("POST", "/v1/responses")]["responses"]["200"]["content"]
+    assert content["application/json"]["schema"] == {"$ref": "#/components/schemas/Response"}
+    item = content["text/event-stream"]["itemSchema"]
+    assert item["required"] == ["event", "data"]
+    event_schema = _schema(item["properties"]["data"]["contentSchema"])
+    # What the server sends validates; a chat chunk does not.
+    done = {
+        "type": "response.output_text.delta",
+        "sequence_number": 3,
+        "item_id": "msg_1",
+        "output_index": 0,
+        "content_index": 0,
+        "delta": "Arr",
+        "logprobs": [],
+    }
+    jsonschema.validate(done, event_schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"object": "chat.completion.chunk", "choices": []}, event_schema)
+    deleted = OPERATIONS[("DELETE", "/v1/responses/{response_id}")]["responses"]["200"]
+    jsonschema.validate(
+        {"id": "resp_1", "object": "response", "deleted": True},
+        _schema(deleted["content"]["application/json"]["schema"]),
+    )

@@ -56,7 +56,7 @@ CHECKS = [
     content_type_conformance,
     response_schema_conformance,
 ]
-INFERENCE_PATHS = {"/v1/chat/completions", "/v1/completions"}
+INFERENCE_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/responses"}
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
 UPLOAD_PLACEHOLDER = b"demo-mlp:"
 
@@ -130,6 +130,54 @@ def _completion_bodies() -> st.SearchStrategy[dict[str, Any]]:
     )
 
 
+RESPONSE_INPUTS: list[Any] = [
+    "Tell me about the river.",
+    [
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+    ],
+    [
+        {
+            "role": "user",
+            "content": [
+                {"type": "input_image", "image_url": IMAGE},
+                {"type": "input_text", "text": "What is in this picture?"},
+            ],
+        }
+    ],
+]
+RESPONSE_TOOL = {
+    "type": "function",
+    "name": "get_weather",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 8}},
+        "required": ["city"],
+    },
+}
+
+
+def _response_bodies() -> st.SearchStrategy[dict[str, Any]]:
+    return st.fixed_dictionaries(
+        {"model": st.sampled_from(MODELS), "input": st.sampled_from(RESPONSE_INPUTS)},
+        optional={
+            "max_output_tokens": st.integers(1, MAX_TOKENS),
+            "stream": st.booleans(),
+            "store": st.booleans(),
+            "instructions": st.sampled_from(["Answer briefly.", ""]),
+            "temperature": st.floats(0, 2),
+            "top_p": st.floats(0.1, 1),
+            "tools": st.just([RESPONSE_TOOL]),
+            "tool_choice": st.sampled_from(["auto", "required", "none"]),
+            "reasoning": st.fixed_dictionaries({"effort": st.sampled_from(["none", "high"])}),
+            "text": st.sampled_from(
+                [{"format": {"type": "text"}}, {"format": {"type": "json_object"}}]
+            ),
+        },
+    )
+
+
 def _realistic_examples() -> dict[tuple[str, str], list[dict[str, Any]]]:
     """Cases that must reach the engine or change the registry, per operation."""
     chat = {"model": "demo-attn", "messages": MESSAGES[0], "max_tokens": MAX_TOKENS}
@@ -143,6 +191,11 @@ def _realistic_examples() -> dict[tuple[str, str], list[dict[str, Any]]]:
         ("POST", "/v1/completions"): [
             {"body": completion},
             {"body": {**completion, "stream": True, "stream_options": {"include_usage": True}}},
+        ],
+        ("POST", "/v1/responses"): [
+            {"body": {"model": "demo-mlp", "input": RESPONSE_INPUTS[0], "max_output_tokens": 4}},
+            {"body": {"model": BASE, "input": RESPONSE_INPUTS[1], "stream": True}},
+            {"body": {"model": "demo-all", "input": RESPONSE_INPUTS[2], "tools": [RESPONSE_TOOL]}},
         ],
         ("GET", "/v1/models/{model_id}"): [{"path_parameters": {"model_id": "demo-all"}}],
         ("GET", "/v1/adapters/{name}"): [{"path_parameters": {"name": "demo-mlp"}}],
@@ -177,11 +230,14 @@ def _realistic_inference(case: schemathesis.Case) -> None:
     positive = meta is not None and meta.generation.mode is schemathesis.GenerationMode.POSITIVE
     if positive and body.get("model") not in MODELS:
         body["model"] = MODELS[sum(map(ord, str(body.get("model")))) % len(MODELS)]
-    for key in ("max_tokens", "max_completion_tokens"):
+    for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         value = body.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value > MAX_TOKENS:
             body[key] = MAX_TOKENS
-    if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+    if case.operation.path == "/v1/responses":
+        if body.get("max_output_tokens") is None:
+            body["max_output_tokens"] = MAX_TOKENS
+    elif body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
         body["max_tokens"] = MAX_TOKENS
     n = body.get("n")
     if isinstance(n, int) and not isinstance(n, bool) and n > MAX_N:
@@ -266,6 +322,8 @@ def before_generate_body(
         return st.one_of(strategy, _chat_bodies())
     if path == "/v1/completions":
         return st.one_of(strategy, _completion_bodies())
+    if path == "/v1/responses":
+        return st.one_of(strategy, _response_bodies())
     return strategy
 
 
@@ -294,11 +352,12 @@ def test_the_fuzzing_reached_every_operation_and_the_engine(fuzz_server: str) ->
     operations = {
         (result.ok().method.upper(), result.ok().path) for result in schema.get_all_operations()
     }
-    assert len(operations) == 13
+    assert len(operations) == 16
     assert set(SEEN) == operations, f"never called: {operations - set(SEEN)}"
     assert SEEN[("POST", "/v1/chat/completions")][200] >= 5
     assert SEEN[("POST", "/v1/completions")][200] >= 3
+    assert SEEN[("POST", "/v1/responses")][200] >= 3
     assert SEEN[("POST", "/v1/adapters")][200] + SEEN[("POST", "/v1/adapters")][201] >= 2
     assert SEEN[("DELETE", "/v1/adapters/{name}")][200] >= 1
     assert SEEN[("POST", "/v1/unload_lora_adapter")][200] >= 1
-    assert sum(sum(statuses.values()) for statuses in SEEN.values()) >= 13 * MAX_EXAMPLES
+    assert sum(sum(statuses.values()) for statuses in SEEN.values()) >= 16 * MAX_EXAMPLES

@@ -107,6 +107,40 @@ def json_or_sse(answer: type[BaseModel], chunk: type[BaseModel]) -> Responses:
     }
 
 
+def json_answer(answer: type[BaseModel], description: str) -> Responses:
+    """The 200 of a route answering one JSON object built from `answer` (a model no route
+    names as `response_model`; list it among `service_openapi`'s models)."""
+    return {
+        200: {"description": description, "content": {"application/json": {"schema": _ref(answer)}}}
+    }
+
+
+def json_or_events(answer: type[BaseModel], event: type[BaseModel]) -> Responses:
+    """The 200 of the Responses API: one JSON answer, or with `stream` named events
+    (`event: <type>`, `data: <event JSON>`), with no `[DONE]` at the end."""
+    item = {
+        "type": "object",
+        "required": ["event", "data"],
+        "properties": {
+            "event": {"type": "string"},
+            "data": {
+                "type": "string",
+                "contentMediaType": "application/json",
+                "contentSchema": _ref(event),
+            },
+        },
+    }
+    return {
+        200: {
+            "description": "The response; with `stream: true`, server-sent events",
+            "content": {
+                "application/json": {"schema": _ref(answer)},
+                "text/event-stream": {"itemSchema": item},
+            },
+        }
+    }
+
+
 def _without_validation_422(document: dict[str, Any]) -> dict[str, Any]:
     """Drop the 422 FastAPI adds to every route with parameters: this service never sends it.
 

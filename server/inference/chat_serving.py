@@ -289,3 +289,12 @@ class ChatService:
         if include_usage:
             yield chunk([], usage(prompt_tokens, completion_tokens))
         yield DONE
+
+    async def open_request(
+        self, request: ChatCompletionRequest, request_id: str
+    ) -> tuple[AsyncIterator[GenerationChunk], ToolPlan, list[CompletionReader]]:
+        """Check, render and submit a request; its output stream, tool plan and readers.
+
+        The core the Responses API shares: errors raise here, before any byte is sent.
+        """
+        return await self._open(request, request_id)
