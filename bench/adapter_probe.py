@@ -21,9 +21,9 @@ from safetensors.torch import load_file, save_file
 
 from server.admin.effect_probe import (
     DEFAULT_TOLERANCE,
-    greedy_steps,
     largest_difference,
     probe_effect,
+    probe_steps,
 )
 from server.engine.protocol import AdapterRef
 from server.settings import Settings
@@ -53,11 +53,11 @@ async def _run(dtype: str, repeats: int) -> None:
     settings = Settings(dtype=dtype, kv_cache_memory_bytes=64 * 2**20, max_lora_rank=16)
     engine = await VllmEngine.start(settings, str(tiny.model_dir), "tiny-gemma4")
     try:
-        await greedy_steps(engine, None)  # warm-up
+        await probe_steps(engine, None)  # warm-up
         noise = 0.0
         for _ in range(repeats):
             first, second = await asyncio.gather(
-                greedy_steps(engine, None), greedy_steps(engine, None)
+                probe_steps(engine, None), probe_steps(engine, None)
             )
             noise = max(noise, largest_difference(first, second))
         print(f"dtype {dtype}; tolerance {DEFAULT_TOLERANCE:g}; base vs base: {noise:.3g}")

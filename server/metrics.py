@@ -233,6 +233,10 @@ class RequestTracker:
             self._queue_recorded = True
             self._metrics.queue_wait.observe(seconds)
 
+    @property
+    def waiting_for_first_token(self) -> bool:
+        return self._first_token is None
+
     def tokens_arrived(self) -> None:
         if self._first_token is None:
             self._first_token = time.perf_counter()

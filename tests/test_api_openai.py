@@ -15,6 +15,7 @@ import openai
 import pytest
 import pytest_asyncio
 import soundfile
+from openai.types.chat import ChatCompletionChunk
 
 from server.engine.protocol import Prompt, Sampling
 from server.engine.vllm_engine import VllmEngine
@@ -139,6 +140,41 @@ async def test_sync_client_stream_joins_to_the_same_text(api: LiveServer, model:
     assert roles == ["assistant"]
     assert streamed == whole
     assert finish == "length"
+
+
+@pytest.mark.parametrize("logprobs", [False, True])
+async def test_stream_events_are_the_openai_types_own_json(api: LiveServer, logprobs: bool) -> None:
+    """Each raw event is byte for byte the `openai` chunk type's JSON of itself (the events are
+    built from per-request templates, not through pydantic), and the text is the whole answer's."""
+    body: dict[str, object] = {
+        "model": "demo-all",
+        "messages": messages("text"),
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "logprobs": logprobs,
+    }
+    async with httpx.AsyncClient(base_url=api.base_url, timeout=120) as http:
+        async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+            raw = (await response.aread()).decode()
+        whole = (await http.post("/v1/chat/completions", json={**body, "stream": False})).json()
+    events = raw.split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    texts = [""]
+    for event in events[:-2]:
+        data = event.removeprefix("data: ")
+        chunk = ChatCompletionChunk.model_validate_json(data)
+        assert chunk.model_dump_json(exclude_unset=True) == data
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            if not logprobs:
+                assert choice.logprobs is None
+            elif choice.delta.content:
+                assert choice.logprobs is not None and choice.logprobs.content
+    assert texts == [choice["message"]["content"] for choice in whole["choices"]]
+    assert len(events) > 4  # the role, several content chunks, usage, [DONE]
+    assert chunk.usage is not None and chunk.usage.completion_tokens == MAX_TOKENS
 
 
 async def test_completions_stream_and_whole_agree(api: LiveServer) -> None:

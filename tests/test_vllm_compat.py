@@ -440,3 +440,21 @@ def test_audio_dtype_apply_is_idempotent_and_version_gated(
     assert model_class.__init__ is wrapped
     monkeypatch.setattr(vllm, "__version_tuple__", (0, 31, 2))
     assert audio_dtype.apply() is False
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 7, 300])
+def test_grouped_lora_products_equal_the_per_token_ones(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, tokens: int
+) -> None:
+    generator = torch.Generator().manual_seed(tokens)
+    weights = torch.randn(4, 1, 24, 16, generator=generator)
+    inputs = torch.randn(tokens, 16, generator=generator)
+    indices = torch.randint(-1, 4, (tokens,), generator=generator)
+    monkeypatch.setattr(lora_index, "GROUPED", False)
+    per_token = lora_index._lora_outputs(inputs, weights, indices, dtype)
+    monkeypatch.setattr(lora_index, "GROUPED", True)
+    grouped = lora_index._lora_outputs(inputs, weights, indices, dtype)
+    assert grouped.dtype == per_token.dtype and grouped.shape == per_token.shape
+    torch.testing.assert_close(grouped, per_token)
+    assert not grouped[indices < 0].any()

@@ -74,6 +74,7 @@ class Sampling:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: int | None = None
+    prompt_logprobs: int | None = None  # top log-probs at every prompt position (first chunk)
     ignore_eos: bool = False
     json_schema: dict[str, Any] | None = None
     json_object: bool = False
@@ -120,6 +121,8 @@ class GenerationChunk:
     completions: list[CompletionDelta]
     finished: bool
     queue_seconds: float | None = None  # how long the request waited to be scheduled
+    # With `Sampling.prompt_logprobs`: each prompt token after the first, in the first chunk.
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(frozen=True)

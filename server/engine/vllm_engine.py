@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import logging
 import math
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 from vllm import SamplingParams
@@ -21,7 +21,7 @@ from vllm.exceptions import VLLMClientError
 from vllm.inputs import TextPrompt
 from vllm.logprobs import PromptLogprobs, SampleLogprobs
 from vllm.lora.request import LoRARequest
-from vllm.outputs import CompletionOutput, RequestOutput
+from vllm.outputs import RequestOutput
 from vllm.platforms import current_platform
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
@@ -125,6 +125,7 @@ def sampling_params(sampling: Sampling) -> SamplingParams:
         frequency_penalty=sampling.frequency_penalty,
         repetition_penalty=sampling.repetition_penalty,
         logprobs=sampling.logprobs,
+        prompt_logprobs=sampling.prompt_logprobs,
         ignore_eos=sampling.ignore_eos,
         structured_outputs=structured,
         skip_special_tokens=sampling.skip_special_tokens,
@@ -166,12 +167,14 @@ def finite_logprob(logprob: float) -> float:
     return logprob if math.isfinite(logprob) else MIN_LOGPROB
 
 
-def _logprobs(output: CompletionOutput) -> list[TokenLogprob] | None:
-    steps: SampleLogprobs | PromptLogprobs | None = output.logprobs
+def _token_logprobs(
+    token_ids: Sequence[int], steps: SampleLogprobs | PromptLogprobs | None
+) -> list[TokenLogprob] | None:
+    """Each token's log-prob and its step's top alternatives (steps without any are skipped)."""
     if steps is None:
         return None
     result = []
-    for token_id, step in zip(output.token_ids, steps, strict=False):
+    for token_id, step in zip(token_ids, steps, strict=False):
         if step is None:
             continue
         top = [
@@ -201,13 +204,15 @@ def _chunk(output: RequestOutput) -> GenerationChunk:
                 index=completion.index,
                 text=completion.text,
                 token_ids=list(completion.token_ids),
-                logprobs=_logprobs(completion),
+                logprobs=_token_logprobs(completion.token_ids, completion.logprobs),
                 finish_reason=completion.finish_reason,
             )
             for completion in output.outputs
         ],
         finished=output.finished,
         queue_seconds=_queue_seconds(output),
+        # vLLM has no log-prob for the first prompt token: its entry is None.
+        prompt_logprobs=_token_logprobs(output.prompt_token_ids or [], output.prompt_logprobs),
     )
 
 

@@ -9,7 +9,6 @@ from typing import Any
 
 from openai.types.chat import (
     ChatCompletion,
-    ChatCompletionChunk,
     ChatCompletionMessage,
     ChatCompletionMessageFunctionToolCall,
 )
@@ -33,6 +32,7 @@ from server.engine.protocol import (
     TokenLogprob,
 )
 from server.http.errors import BadRequest
+from server.inference.chat_chunks import ChatChunkEncoder
 from server.inference.chat_tools import (
     CompletionReader,
     ReadDelta,
@@ -49,7 +49,7 @@ from server.inference.generation import (
 )
 from server.inference.prompt import ChatRenderer
 from server.inference.protocol import ChatCompletionRequest
-from server.inference.sse import DONE, sse_event
+from server.inference.sse import DONE
 from server.inference.tool_grammar import MARKER_TOKENS
 from server.metrics import ServiceMetrics
 
@@ -230,28 +230,17 @@ class ChatService:
         plan: ToolPlan,
         readers: list[CompletionReader],
     ) -> AsyncIterator[str]:
-        created = int(time.time())
         include_usage = request.include_usage()
         top = request.top_logprobs or 0
-
-        def chunk(choices: list[ChunkChoice], tokens: CompletionUsage | None = None) -> str:
-            fields: dict[str, Any] = {}
-            if include_usage:
-                fields["usage"] = tokens
-            return sse_event(
-                ChatCompletionChunk(
-                    id=f"chatcmpl-{request_id}",
-                    object="chat.completion.chunk",
-                    created=created,
-                    model=request.model,
-                    choices=choices,
-                    **fields,
-                )
-            )
-
-        yield chunk(
+        encoder = ChatChunkEncoder(
+            f"chatcmpl-{request_id}", int(time.time()), request.model, include_usage
+        )
+        # The role chunk once per request: through the `openai` types.
+        yield encoder.event(
             [
-                ChunkChoice(index=i, delta=ChoiceDelta(role="assistant", content=""))
+                encoder.choice(
+                    ChunkChoice(index=i, delta=ChoiceDelta(role="assistant", content=""))
+                )
                 for i in range(request.n)
             ]
         )
@@ -262,6 +251,13 @@ class ChatService:
             for delta in output.completions:
                 completion_tokens += len(delta.token_ids)
                 finish_reason = openai_finish_reason(delta.finish_reason)
+                wants_logprobs = request.logprobs and delta.logprobs
+                if not readers and not wants_logprobs:
+                    # The hot path: plain text, one JSON string escape per event.
+                    if delta.text or finish_reason is not None:
+                        choices.append(encoder.content(delta.index, delta.text, finish_reason))
+                    continue
+                message: ChoiceDelta | None
                 if readers:
                     reader = readers[delta.index]
                     read = reader.feed(
@@ -274,20 +270,22 @@ class ChatService:
                 if message is None and finish_reason is None:
                     continue
                 logprobs = None
-                if request.logprobs and delta.logprobs:
-                    logprobs = ChunkLogprobs(content=_token_logprobs(delta.logprobs, top))
+                if wants_logprobs:
+                    logprobs = ChunkLogprobs(content=_token_logprobs(delta.logprobs or [], top))
                 choices.append(
-                    ChunkChoice(
-                        index=delta.index,
-                        delta=message or ChoiceDelta(),
-                        finish_reason=finish_reason,
-                        logprobs=logprobs,
+                    encoder.choice(
+                        ChunkChoice(
+                            index=delta.index,
+                            delta=message or ChoiceDelta(),
+                            finish_reason=finish_reason,
+                            logprobs=logprobs,
+                        )
                     )
                 )
             if choices:
-                yield chunk(choices)
+                yield encoder.event(choices)
         if include_usage:
-            yield chunk([], usage(prompt_tokens, completion_tokens))
+            yield encoder.usage_event(usage(prompt_tokens, completion_tokens))
         yield DONE
 
     async def open_request(

@@ -78,14 +78,6 @@ def service_error(exc: EngineError) -> ServiceError:
     return ServiceError("the inference engine failed on this request")
 
 
-async def _prepend(
-    first: GenerationChunk, rest: AsyncIterator[GenerationChunk]
-) -> AsyncIterator[GenerationChunk]:
-    yield first
-    async for chunk in rest:
-        yield chunk
-
-
 async def open_generation(
     engine: InferenceEngine,
     request_id: str,
@@ -113,27 +105,33 @@ async def open_generation(
         if isinstance(exc, EngineError):
             raise service_error(exc) from exc
         raise
-    return _guarded(engine, request_id, _prepend(first, stream), lease, tracker)
+    return _guarded(engine, request_id, first, stream, lease, tracker)
 
 
 async def _guarded(
     engine: InferenceEngine,
     request_id: str,
-    stream: AsyncIterator[GenerationChunk],
+    first: GenerationChunk,
+    rest: AsyncIterator[GenerationChunk],
     lease: AdapterLease,
     tracker: RequestTracker,
 ) -> AsyncIterator[GenerationChunk]:
-    finished = False
+    finished = first.finished
     status = "aborted"  # unless the stream ends or fails
-    prompt_tokens = completion_tokens = 0
+    prompt_tokens = first.prompt_token_count
+    completion_tokens = sum(len(c.token_ids) for c in first.completions)
+    tracker.queued(first.queue_seconds)
+    if completion_tokens:
+        tracker.tokens_arrived()
     try:
-        async for chunk in stream:
+        yield first
+        # Per token only what the request's totals need; metrics are recorded once, at the end.
+        async for chunk in rest:
             finished = chunk.finished
-            prompt_tokens = chunk.prompt_token_count
-            tracker.queued(chunk.queue_seconds)
-            new_tokens = sum(len(c.token_ids) for c in chunk.completions)
-            if new_tokens:
-                completion_tokens += new_tokens
+            for completion in chunk.completions:
+                completion_tokens += len(completion.token_ids)
+            if tracker.waiting_for_first_token and completion_tokens:
+                tracker.queued(chunk.queue_seconds)
                 tracker.tokens_arrived()
             yield chunk
         status = "ok"

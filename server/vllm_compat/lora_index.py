@@ -17,6 +17,7 @@ from types import ModuleType
 
 import torch
 
+from server.vllm_compat import disabled_fixes
 from server.vllm_compat.vllm_version import is_target_vllm
 
 logger = logging.getLogger(__name__)
@@ -25,6 +26,9 @@ _OPS_MODULE = "vllm.lora.ops.torch_ops.lora_ops"
 # Both import the ops by name, so each holds its own binding that must be replaced too.
 _BINDING_MODULES = ("vllm.lora.ops.torch_ops", "vllm.lora.punica_wrapper.punica_cpu")
 _CPU_PUNICA_WRAPPER = "vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU"
+# `GEMMA_SERVER_DISABLE_FIXES=lora_grouped` keeps vLLM's per-token products (same results up to
+# float rounding; the grouped ones are faster: one product per adapter, no per-token copies).
+GROUPED = "lora_grouped" not in disabled_fixes()
 
 
 def _lora_outputs(
@@ -34,12 +38,37 @@ def _lora_outputs(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """Per-token `inputs @ weights[index].T`, zero for tokens whose index is -1."""
+    if GROUPED:
+        return _grouped_lora_outputs(inputs, lora_weights, lora_indices_tensor, dtype)
     selected_loras = lora_weights[lora_indices_tensor.clamp_min(0)].to(dtype=dtype)
     if len(selected_loras.shape) == 4:
         selected_loras = selected_loras.squeeze(dim=1)
     outputs = torch.einsum("bi, boi -> bo", inputs.to(dtype=dtype), selected_loras)
     # masked_fill, not a multiply: a non-finite product in a no-LoRA row must not leak as NaN.
     return outputs.masked_fill((lora_indices_tensor < 0).unsqueeze(-1), 0)
+
+
+def _grouped_lora_outputs(
+    inputs: torch.Tensor,
+    lora_weights: torch.Tensor,
+    lora_indices_tensor: torch.Tensor,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The same product, one matrix product per adapter over that adapter's tokens.
+
+    vLLM's op gathers a copy of an adapter's weights for every token ([tokens, out, rank]) and
+    multiplies token by token; on a LoRA mix that was most of the worker's time (BENCHMARKS.md,
+    "Where LoRA batches lose time"). Rows of index -1 are never computed: they stay zero.
+    """
+    weights = lora_weights.squeeze(dim=1) if lora_weights.dim() == 4 else lora_weights
+    x = inputs.to(dtype=dtype)
+    outputs = x.new_zeros((x.shape[0], weights.shape[-2]))
+    for index in torch.unique(lora_indices_tensor).tolist():
+        if index < 0:
+            continue
+        rows = (lora_indices_tensor == index).nonzero().squeeze(1)
+        outputs[rows] = x[rows] @ weights[index].to(dtype=dtype).T
+    return outputs
 
 
 def bgmv_expand(
