@@ -20,7 +20,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -80,11 +80,17 @@ def _spawn(name: str, command: Sequence[str], log_path: Path, env: dict[str, str
     return Process(name, popen, log_path)
 
 
-def start_replica(port: int, state_dir: Path, flags: Sequence[str] = ()) -> Replica:
-    """Start `python -m server --port PORT --state-dir STATE_DIR FLAGS` in its own session."""
+def start_replica(
+    port: int, state_dir: Path, flags: Sequence[str] = (), env: Mapping[str, str] | None = None
+) -> Replica:
+    """Start `python -m server --port PORT --state-dir STATE_DIR FLAGS` in its own session,
+    with `env` added to this process's environment."""
     command = [sys.executable, "-m", "server", "--port", str(port), "--state-dir", str(state_dir)]
     process = _spawn(
-        f"replica :{port}", [*command, *flags], state_dir / "server.log", dict(os.environ)
+        f"replica :{port}",
+        [*command, *flags],
+        state_dir / "server.log",
+        {**os.environ, **(env or {})},
     )
     return Replica(process.name, process.popen, process.log_path, port)
 
@@ -157,14 +163,25 @@ def wait_routable(admin_url: str, replicas: Sequence[str], timeout: float = 60.0
 
 
 def start_replicas(
-    count: int, first_port: int, state_root: Path, flags: Sequence[str], timeout: float
+    ports: Sequence[int],
+    state_root: Path,
+    flags: Sequence[str],
+    timeout: float,
+    stagger_seconds: float | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> list[Replica]:
-    """Start `count` replicas one after another, each once the one before is ready."""
+    """Start a replica on each port, each once the one before is ready (or `stagger_seconds`
+    after it started), and return when all are ready."""
     replicas: list[Replica] = []
     try:
-        for index in range(count):
-            replica = start_replica(first_port + index, state_root / f"replica-{index + 1}", flags)
+        for index, port in enumerate(ports):
+            replica = start_replica(port, state_root / f"replica-{index + 1}", flags, env)
             replicas.append(replica)
+            if stagger_seconds is None:
+                wait_until(f"{replica.base_url}/ready", timeout=timeout, what=replica.name)
+            elif index < len(ports) - 1:
+                time.sleep(stagger_seconds)
+        for replica in replicas:
             wait_until(f"{replica.base_url}/ready", timeout=timeout, what=replica.name)
     except BaseException:
         for replica in replicas:
@@ -187,9 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop as on Ctrl-C
 
-    replicas = start_replicas(
-        args.replicas, args.first_replica_port, args.work_dir, args.server_flags, args.start_timeout
-    )
+    ports = range(args.first_replica_port, args.first_replica_port + args.replicas)
+    replicas = start_replicas(ports, args.work_dir, args.server_flags, args.start_timeout)
     addresses = [replica.address for replica in replicas]
     envoy = start_envoy(addresses, args.work_dir / "envoy", args.port, args.admin_port)
     try:
