@@ -34,6 +34,7 @@ class AdapterRecord:
     request_count: int = 0
     dropped_modules: list[str] = field(default_factory=list)  # tower part not served
     drop_reason: str | None = None  # adapters.validation.DropReason value
+    store_version: str | None = None  # the shared store's version digest; None: local only
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

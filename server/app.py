@@ -20,9 +20,11 @@ from adapters.errors import AdapterError, AdapterExists, AdapterNotFound, Adapte
 from adapters.persistence import RegistryStore
 from adapters.registry import AdapterRegistry
 from adapters.sources import remove_partial_uploads, scan_preload_dir
+from adapters.store import ManifestConflict, StoreError, VersionCache, open_store
 from adapters.validation import ValidationLimits
 from server.admin import api_router as admin_router
-from server.admin.adapter_service import AdapterService, AdapterSources
+from server.admin.adapter_service import AdapterLease, AdapterService, AdapterSources
+from server.admin.store_sync import StoreSync
 from server.engine.gemma4_parser import VllmOutputParsers
 from server.engine.protocol import EngineDeadError, InferenceEngine
 from server.engine.supervisor import EngineSupervisor, RestartPolicy
@@ -60,6 +62,8 @@ _ADAPTER_ERRORS: dict[type[AdapterError], type[ServiceError]] = {
     AdapterNotFound: NotFound,
     AdapterExists: Conflict,
     AdapterTooLarge: PayloadTooLarge,
+    ManifestConflict: Conflict,
+    StoreError: ServiceUnavailable,
 }
 
 
@@ -191,9 +195,18 @@ async def _start_adapter_services(
         host_cache_size=settings.max_cpu_loras or settings.max_loras,
         probe=settings.adapter_probe,
     )
+    store_sync = await _store_sync(settings, adapters)
     await adapters.restore()
     engine.restore_adapters_with(adapters.restore_into_new_engine)
     await adapters.preload(_startup_folders(settings, preload_dir))
+    if store_sync is not None:
+        await store_sync.sync_once()  # nothing unloaded or replaced elsewhere is served
+        store_sync.start()
+
+    async def acquire(model: str) -> AdapterLease:
+        return adapters.acquire(model)
+
+    resolve = store_sync.resolve if store_sync is not None else acquire
     limits = MediaLimits(
         max_image_bytes=settings.max_image_bytes,
         max_image_pixels=settings.max_image_pixels,
@@ -210,10 +223,26 @@ async def _start_adapter_services(
     app.state.services = Services(
         engine=engine,
         adapters=adapters,
-        chat=ChatService(engine, renderer, adapters.acquire, metrics, parsers),
-        completions=CompletionService(engine, adapters.acquire, metrics),
+        chat=ChatService(engine, renderer, resolve, metrics, parsers),
+        completions=CompletionService(engine, resolve, metrics),
         started_at=int(time.time()),
+        store=store_sync,
     )
+
+
+async def _store_sync(settings: Settings, adapters: AdapterService) -> StoreSync | None:
+    """With a shared adapter store configured: its client, the local cache, the write-through."""
+    if not settings.adapter_store:
+        return None
+    store = await asyncio.to_thread(
+        open_store, settings.adapter_store, settings.adapter_store_endpoint_url
+    )
+    cache_dir = settings.adapter_cache_dir or settings.state_dir / "cache"
+    cache = await asyncio.to_thread(VersionCache, cache_dir, settings.adapter_cache_max_bytes)
+    sync = StoreSync(store, cache, adapters, settings.adapter_store_poll_seconds)
+    adapters.publisher = sync
+    logger.info("adapter store: %s, polled every %s s", store.url, sync.poll_seconds)
+    return sync
 
 
 def create_app(settings: Settings, engine: InferenceEngine | None = None) -> FastAPI:
@@ -256,6 +285,8 @@ def create_app(settings: Settings, engine: InferenceEngine | None = None) -> Fas
                 lifecycle.phase = Phase.STOPPED
             await starting  # an engine half-started must still be stopped, not orphaned
             if app.state.services is not None:
+                if app.state.services.store is not None:
+                    await app.state.services.store.stop()
                 await app.state.services.adapters.shutdown()
                 await app.state.services.engine.shutdown()
 

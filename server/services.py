@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from server.admin.adapter_service import AdapterService
+from server.admin.store_sync import StoreSync
 from server.engine.supervisor import EngineSupervisor
 from server.inference.chat_serving import ChatService
 from server.inference.completion_serving import CompletionService
@@ -17,3 +18,4 @@ class Services:
     chat: ChatService
     completions: CompletionService
     started_at: int  # unix time the base model became ready
+    store: StoreSync | None = None  # the shared adapter store, when configured

@@ -115,6 +115,33 @@ class Settings(BaseSettings):
         "model and refuse an adapter that changes nothing.",
     )
 
+    # Shared adapter store (several replicas): unset, adapters live on this replica only
+    adapter_store: str | None = Field(
+        None,
+        description="Shared adapter store, the source of truth for every replica: "
+        "s3://bucket/prefix (credentials from the standard AWS variables) or a folder on a "
+        "shared volume. Unset: adapters are this replica's alone.",
+    )
+    adapter_store_endpoint_url: str | None = Field(
+        None, description="S3 endpoint of an S3-compatible store (SeaweedFS, MinIO, ...)."
+    )
+    adapter_cache_dir: Path | None = Field(
+        None,
+        description="Local cache of versions pulled from the store (default: state_dir/cache).",
+    )
+    adapter_cache_max_bytes: int = Field(
+        10 * 2**30,
+        gt=0,
+        description="Bound of the local version cache; least recently used versions not "
+        "registered here are evicted first.",
+    )
+    adapter_store_poll_seconds: float = Field(
+        2.0,
+        gt=0,
+        description="How often each replica checks the store's manifests: a replace or unload "
+        "reaches every replica within about this time plus one pull.",
+    )
+
     # Server
     host: str = Field("127.0.0.1", description="Bind address.")
     port: int = Field(8000, gt=0, lt=65536, description="Bind port.")

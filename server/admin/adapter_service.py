@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from adapters.base_model import BaseModelSpec
 from adapters.errors import (
@@ -85,10 +86,25 @@ class AdapterLease:
         if adapter is not None:
             in_flight[adapter.int_id] += 1
 
+    def another(self) -> AdapterLease:
+        """One more lease on the same version (a request with several prompts: one version)."""
+        return AdapterLease(self.adapter, self._in_flight)
+
     def release(self) -> None:
         if not self._released and self.adapter is not None:
             self._released = True
             self._in_flight[self.adapter.int_id] -= 1
+
+
+@dataclass(frozen=True)
+class InstallOptions:
+    """How to serve a version pulled from the shared store (its manifest's fields)."""
+
+    store_version: str
+    version: int
+    pin: bool = False
+    allow_base_mismatch: bool = False
+    drop_tower_weights: bool = False
 
 
 @dataclass(frozen=True)
@@ -98,6 +114,24 @@ class AdapterSources:
     roots: list[Path]
     upload_dir: Path
     served_dir: Path  # copies of adapters served without a dropped tower part
+
+
+class AdapterPublisher(Protocol):
+    """Writes loads and unloads through to a shared store (see `server.admin.store_sync`)."""
+
+    async def before_load(self, request: LoadRequest) -> object:
+        """Refuse early what the store refuses (the name exists); a token for `publish`."""
+        ...
+
+    async def publish(
+        self, request: LoadRequest, folder: Path, record: AdapterRecord, token: object
+    ) -> None:
+        """Write the version, then the manifest; sets the record's store version."""
+        ...
+
+    async def withdraw(self, name: str) -> AdapterRecord | None:
+        """Delete the manifest; the store's record of it, or None if it had none."""
+        ...
 
 
 class AdapterService:
@@ -128,6 +162,7 @@ class AdapterService:
         self._in_flight: Counter[int] = Counter()
         self._persist_lock = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()
+        self.publisher: AdapterPublisher | None = None  # set when a shared store is configured
 
     @property
     def base_model_name(self) -> str:
@@ -175,6 +210,7 @@ class AdapterService:
                 raise AdapterExists(
                     f"adapter `{request.name}` exists; send replace=true to load a new version"
                 )
+            token = await self.publisher.before_load(request) if self.publisher else None
             folder, source = await self._folder_of(request)
             try:
                 record = await self._load_folder(
@@ -186,6 +222,12 @@ class AdapterService:
                     drop_tower_weights=request.drop_tower_weights,
                     version=previous.version + 1 if previous else 1,
                 )
+                if self.publisher is not None:
+                    try:  # the store names it only once this replica's engine accepted it
+                        await self.publisher.publish(request, folder, record, token)
+                    except BaseException:
+                        await self._discard(record, folder)
+                        raise
             except BaseException:
                 if request.upload is not None:
                     shutil.rmtree(folder, ignore_errors=True)
@@ -203,12 +245,57 @@ class AdapterService:
     async def unload(self, name: str) -> AdapterRecord:
         """The name disappears at once; the engine's copy goes once its requests have finished."""
         async with self.registry.locked(name):
+            withdrawn = await self.publisher.withdraw(name) if self.publisher else None
+            if withdrawn is not None and name not in self.registry:
+                self._metrics.adapter_unloads.inc()  # registered in the store, not pulled here
+                return withdrawn
             record = self.registry.remove(name)
             await self._persist()
         self._retire(record)
         self._metrics.adapter_unloads.inc()
         logger.info("adapter %s unloaded (id %d)", name, record.int_id)
         return record
+
+    async def install(
+        self, name: str, folder: Path, source: str, options: InstallOptions
+    ) -> AdapterRecord:
+        """Serve a version pulled from the shared store under `name` (validated, not probed)."""
+        async with self.registry.locked(name):
+            previous = self.registry.find(name)
+            if (
+                previous is not None
+                and previous.store_version == options.store_version
+                and previous.pinned == options.pin
+            ):
+                return previous
+            record = await self._load_folder(
+                name,
+                folder,
+                source,
+                pin=options.pin,
+                allow_base_mismatch=options.allow_base_mismatch,
+                drop_tower_weights=options.drop_tower_weights,
+                version=options.version,
+                probe=False,
+            )
+            record.store_version = options.store_version
+            self.registry.put(record)
+            await self._persist()
+        if previous is not None:
+            self._retire(previous)
+        logger.info("adapter %s v%d installed from the store", name, record.version)
+        return record
+
+    async def forget(self, name: str, store_version: str | None) -> None:
+        """Stop serving `name` here if it is still at `store_version` (gone from the store)."""
+        async with self.registry.locked(name):
+            record = self.registry.find(name)
+            if record is None or record.store_version != store_version:
+                return
+            self.registry.remove(name)
+            await self._persist()
+        self._retire(record)
+        logger.info("adapter %s unloaded here: gone from the store", name)
 
     async def resident_ids(self) -> set[int]:
         """Ids of the adapter versions the engine holds in memory now."""
@@ -301,6 +388,7 @@ class AdapterService:
         allow_base_mismatch: bool = False,
         drop_tower_weights: bool = False,
         version: int = 1,
+        probe: bool = True,
     ) -> AdapterRecord:
         manifest = await asyncio.to_thread(
             validate_adapter,
@@ -330,14 +418,16 @@ class AdapterService:
             drop_reason=manifest.drop_reason.value if manifest.drop_reason else None,
         )
         try:
-            await self._add_to_engine(record, manifest)
+            await self._add_to_engine(record, manifest, probe=probe)
         except BaseException:
             if served != folder:
                 await asyncio.to_thread(shutil.rmtree, served, True)
             raise
         return record
 
-    async def _add_to_engine(self, record: AdapterRecord, manifest: AdapterManifest) -> None:
+    async def _add_to_engine(
+        self, record: AdapterRecord, manifest: AdapterManifest, *, probe: bool = True
+    ) -> None:
         """Load into the engine, pin, probe; on any refusal leave nothing in the engine."""
         try:
             await self._engine.add_adapter(adapter_ref(record))
@@ -347,7 +437,7 @@ class AdapterService:
                     raise EngineError("the engine could not pin the adapter")
                 self._host_cache.pin(record.int_id)
             # A text probe cannot see a tower part; an adapter serving one is not probed.
-            if self._probe and not manifest.serves_towers:
+            if probe and self._probe and not manifest.serves_towers:
                 await self._check_effect(record)
         except EngineDeadError as exc:  # the supervisor restarts it; the client may retry
             self._host_cache.drop(record.int_id)
@@ -375,6 +465,12 @@ class AdapterService:
                 "be too small to matter, or name modules the engine does not apply; it was "
                 "unloaded"
             )
+
+    async def _discard(self, record: AdapterRecord, folder: Path) -> None:
+        """Undo `_load_folder`: out of the engine, its served copy deleted."""
+        await self._forget(record)
+        if Path(record.path) != folder:
+            await asyncio.to_thread(shutil.rmtree, record.path, True)
 
     async def _forget(self, record: AdapterRecord) -> None:
         self._host_cache.drop(record.int_id)

@@ -9,6 +9,7 @@ from openai.types import Model
 from pydantic import BaseModel
 
 from server.admin.adapter_service import AdapterService
+from server.admin.store_sync import StoreSync
 from server.http.deps import ServicesDep, require_inference_key
 from server.http.errors import NotFound
 from server.http.openapi import INFERENCE_ROUTE, KEY_OPTIONAL, errors
@@ -32,7 +33,11 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-def model_cards(adapters: AdapterService, base_created: int) -> list[ModelCard]:
+def model_cards(
+    adapters: AdapterService, base_created: int, store: StoreSync | None = None
+) -> list[ModelCard]:
+    """The base model, the adapters served here, then those only in the shared store (every
+    replica serves them: the first request pulls them)."""
     base = adapters.base_model_name
     cards = [ModelCard(id=base, object="model", created=base_created, owned_by=OWNER, root=base)]
     cards += [
@@ -46,17 +51,30 @@ def model_cards(adapters: AdapterService, base_created: int) -> list[ModelCard]:
         )
         for record in adapters.registry
     ]
+    served = {record.name for record in adapters.registry}
+    cards += [
+        ModelCard(
+            id=manifest.name,
+            object="model",
+            created=int(manifest.updated_at),
+            owned_by=OWNER,
+            root=manifest.source,
+            parent=base,
+        )
+        for manifest in (store.manifests() if store is not None else [])
+        if manifest.name not in served
+    ]
     return cards
 
 
 @router.get("/models", openapi_extra=KEY_OPTIONAL)
 async def list_models(services: ServicesDep) -> ModelList:
-    return ModelList(data=model_cards(services.adapters, services.started_at))
+    return ModelList(data=model_cards(services.adapters, services.started_at, services.store))
 
 
 @router.get("/models/{model_id}", responses=errors(404), openapi_extra=KEY_OPTIONAL)
 async def get_model(model_id: str, services: ServicesDep) -> ModelCard:
-    for card in model_cards(services.adapters, services.started_at):
+    for card in model_cards(services.adapters, services.started_at, services.store):
         if card.id == model_id:
             return card
     raise NotFound(f"The model `{model_id}` does not exist.", param="model")

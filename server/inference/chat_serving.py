@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -53,7 +53,8 @@ from server.inference.sse import DONE, sse_event
 from server.inference.tool_grammar import MARKER_TOKENS
 from server.metrics import ServiceMetrics
 
-ModelResolver = Callable[[str], AdapterLease]  # the adapter a request's `model` names
+# The adapter a request's `model` names (pulled from the shared store first if need be).
+ModelResolver = Callable[[str], Awaitable[AdapterLease]]
 
 
 def _reasoning_fields(reasoning: str) -> dict[str, Any]:
@@ -166,7 +167,7 @@ class ChatService:
                 )
                 for _ in range(request.n)
             ]
-        lease = self._resolve_model(request.model)
+        lease = await self._resolve_model(request.model)
         tracker = self._metrics.track(request.model)
         generation = await open_generation(
             self._engine, request_id, prompt, sampling, lease, tracker

@@ -10,6 +10,7 @@ from typing import Any
 from openai.types import Completion, CompletionChoice
 from openai.types.completion_choice import Logprobs
 
+from server.admin.adapter_service import AdapterLease
 from server.engine.protocol import GenerationChunk, InferenceEngine, Prompt, TokenLogprob
 from server.inference.chat_serving import ModelResolver, usage
 from server.inference.generation import (
@@ -54,9 +55,12 @@ class CompletionService:
         prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
         sampling = sampling_from(request, request.max_tokens or 16, request.logprobs)
         streams = []
+        first: AdapterLease | None = None
         try:
             for i, text in enumerate(prompts):
-                lease = self._resolve_model(request.model)
+                # One version for every prompt of the request, whatever is replaced meanwhile.
+                lease = first.another() if first else await self._resolve_model(request.model)
+                first = first or lease
                 tracker = self._metrics.track(request.model)
                 streams.append(
                     await open_generation(
