@@ -200,7 +200,10 @@ async def _start_adapter_services(
     engine.restore_adapters_with(adapters.restore_into_new_engine)
     await adapters.preload(_startup_folders(settings, preload_dir))
     if store_sync is not None:
-        await store_sync.sync_once()  # nothing unloaded or replaced elsewhere is served
+        try:  # nothing unloaded or replaced elsewhere while this replica was down is served
+            await store_sync.sync_once()
+        except (StoreError, OSError) as exc:  # serve what is here; the watcher retries
+            logger.warning("adapter store not reachable at start-up: %s", exc)
         store_sync.start()
 
     async def acquire(model: str) -> AdapterLease:

@@ -117,6 +117,10 @@ async def test_an_adapter_loaded_on_one_replica_answers_on_the_other(
     # B lists it (the store as last polled) without being asked for it.
     assert (await upload(a, "listed-only", versions["other"])).status_code == 201
     await until(lambda: _has(b, "listed-only"), timeout=10 * POLL_SECONDS)
+    async with admin(b) as client:
+        adapters = {x["name"]: x for x in (await client.get("/v1/adapters")).json()["data"]}
+    assert adapters["listed-only"]["state"] == "stored"  # registered, not pulled by B yet
+    assert adapters["shared"]["state"] == "ready"
 
 
 async def _has(server: LiveServer, name: str) -> bool:
@@ -132,6 +136,17 @@ async def test_a_second_load_of_the_name_through_another_replica_is_refused(
     assert refused.status_code == 409
     assert refused.json()["error"]["type"] == "ConflictError"
     assert "replace=true" in refused.json()["error"]["message"]
+    # B replaces a version it never pulled: a conditional write on the store's current one.
+    replaced = await upload(b, "once", versions["v2"], replace="true")
+    assert replaced.status_code == 200, replaced.text
+    assert replaced.json()["version"] == 2
+
+    async def a_switched() -> bool:
+        async with admin(a) as client:
+            return bool((await client.get("/v1/adapters/once")).json()["version"] == 2)
+
+    await until(a_switched, timeout=POLL_SECONDS + 20)
+    assert await greedy(a, "once") == await greedy(b, "once")
 
 
 async def test_replace_and_unload_reach_the_other_replica_within_the_poll_bound(

@@ -19,6 +19,7 @@ from server.admin.protocol import (
     VllmLoadLoraAdapter,
     VllmUnloadLoraAdapter,
 )
+from server.admin.store_sync import record_of
 from server.http.deps import ServicesDep, require_admin_key
 from server.http.errors import BadRequest
 from server.http.openapi import ADMIN_ROUTE, BODY, errors
@@ -112,21 +113,26 @@ _LOAD_BODY = {
 async def load_adapter(request: Request, services: ServicesDep) -> JSONResponse:
     """Load an adapter (201), or a new version of one with `replace` (200)."""
     load = await _load_request(request)
-    replacing = load.name in services.adapters.registry
     record = await services.adapters.load(load)
     public = await _public(services.adapters, record.name)
-    return JSONResponse(public.model_dump(), status_code=200 if replacing else 201)
+    # A new version (here or, with a shared store, through any replica) counts from 2.
+    return JSONResponse(public.model_dump(), status_code=200 if record.version > 1 else 201)
 
 
 @router.get("/adapters")
 async def list_adapters(services: ServicesDep) -> AdapterList:
     resident = await services.adapters.resident_ids()
-    return AdapterList(
-        data=[
-            AdapterPublic.of(record, resident=record.int_id in resident)
-            for record in services.adapters.registry
-        ]
-    )
+    here = [
+        AdapterPublic.of(record, resident=record.int_id in resident)
+        for record in services.adapters.registry
+    ]
+    names = {adapter.name for adapter in here}
+    stored = [  # with a shared store: what any replica serves, as of the last poll
+        AdapterPublic.of(record_of(manifest), resident=False, state="stored")
+        for manifest in (services.store.manifests() if services.store else [])
+        if manifest.name not in names
+    ]
+    return AdapterList(data=sorted(here + stored, key=lambda adapter: adapter.name))
 
 
 @router.get("/adapters/{name}", responses=errors(404))

@@ -75,7 +75,8 @@ class AdapterPublic(BaseModel):
     rank: int
     target_modules: list[str]
     id: int
-    state: Literal["ready", "unloaded"]
+    # stored: registered in the shared adapter store, not loaded on this replica yet (id 0)
+    state: Literal["ready", "unloaded", "stored"]
     loaded_at: int
     pinned: bool
     resident: bool
