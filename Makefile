@@ -11,8 +11,8 @@ run: install
 	$(PY) -m server $(ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check server adapters tests bench
-	$(VENV)/bin/ruff format --check server adapters tests bench
+	$(VENV)/bin/ruff check server adapters tests bench deploy
+	$(VENV)/bin/ruff format --check server adapters tests bench deploy
 	$(VENV)/bin/mypy
 
 test: install lint

@@ -1,0 +1,1 @@
+"""Deployment helpers: the Envoy front of several replicas, and running them on one machine."""

@@ -1,0 +1,1 @@
+"""Envoy in front of several replicas: `envoy.yaml` and its renderer."""
