@@ -32,10 +32,6 @@ CRD = DEPLOY / "crds" / "inferencepools.inference.networking.k8s.io.yaml"
 KUBERNETES_VERSION = "1.34.0"
 ENV_PREFIX = "GEMMA_SERVER_"
 
-# Settings of the shared adapter store (issue 15, part 1), built on another branch; the manifests
-# carry them already. Once server/settings.py has them this set is just never used.
-AWAITING_STORE_SETTINGS = {"GEMMA_SERVER_ADAPTER_STORE", "GEMMA_SERVER_ADAPTER_STORE_ENDPOINT_URL"}
-
 # llm-d-router v0.10.0 (commit 71f4f0999f95b96c49a9d0c4afbd18dfdb943c26):
 # apix/config/v1alpha1/endpointpickerconfig_types.go (fields), cmd/epp/runner/runner.go
 # (fwkplugin.Register calls: the plugin types used here), pkg/epp/server/options.go (flags).
@@ -264,7 +260,7 @@ def model_server_problems(docs: list[Doc], paths: set[str]) -> Iterator[str]:
     env.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
     fields = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
     for name in sorted(env):
-        if name.startswith(ENV_PREFIX) and name not in fields | AWAITING_STORE_SETTINGS:
+        if name.startswith(ENV_PREFIX) and name not in fields:
             yield f"{name}: not a setting of server/settings.py"
     known = {
         name.removeprefix(ENV_PREFIX).lower(): value
