@@ -87,10 +87,14 @@ def service(
 ) -> tuple[ResponsesService, ScriptedEngine]:
     renderer, parsers = parts
     engine = ScriptedEngine(renderer.tokenizer)
+
+    async def base_model(model: str) -> AdapterLease:
+        return AdapterLease(None, Counter())
+
     chat = ChatService(
         engine,  # type: ignore[arg-type]
         renderer,
-        lambda model: AdapterLease(None, Counter()),
+        base_model,
         ServiceMetrics(10),
         parsers,
     )
