@@ -94,7 +94,7 @@ class ServiceMetrics:
         )
         self.adapter_on_demand_loads = Counter(
             "gemma_server_adapter_on_demand_loads",
-            "Requests whose adapter had left host memory and was loaded again (cache misses)",
+            "Requests whose adapter was not in host memory (first use or reload): cache misses",
             registry=r,
         )
         # Server

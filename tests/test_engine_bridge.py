@@ -62,7 +62,7 @@ def test_non_finite_logprobs_become_numbers_json_can_carry() -> None:
     from vllm.logprobs import Logprob
     from vllm.outputs import CompletionOutput
 
-    from server.engine.vllm_engine import MIN_LOGPROB, _logprobs
+    from server.engine.vllm_engine import MIN_LOGPROB, _token_logprobs
 
     output = CompletionOutput(
         index=0,
@@ -75,7 +75,7 @@ def test_non_finite_logprobs_become_numbers_json_can_carry() -> None:
         ],
         finish_reason=None,
     )
-    steps = _logprobs(output)
+    steps = _token_logprobs(output.token_ids, output.logprobs)
     assert steps is not None
     assert [step.logprob for step in steps] == [MIN_LOGPROB, MIN_LOGPROB]
     assert steps[0].top == [(7, "c", -0.5), (5, "a", MIN_LOGPROB)]

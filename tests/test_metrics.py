@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
+import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.engine.vllm_engine import VllmEngine
@@ -128,7 +129,8 @@ async def test_metrics_count_exactly(
     assert value(m, "gemma_server_adapter_load_failures_total", reason="invalid") == 1
     assert value(m, "gemma_server_adapter_load_seconds_count") == 2
     assert value(m, "gemma_server_adapters_registered") == len(tiny.adapter_dirs())  # the demos
-    assert value(m, "gemma_server_adapter_on_demand_loads_total") == 0
+    # Registered adapters are loaded at their first request: demo-attn's and demo-mlp's first.
+    assert value(m, "gemma_server_adapter_on_demand_loads_total") == 2
     assert 1 <= value(m, "gemma_server_adapters_resident") <= settings.max_cpu_loras
     http_requests = "gemma_server_http_requests_total"
     route = "/v1/chat/completions"
@@ -187,13 +189,20 @@ async def poll_metrics(http: httpx.AsyncClient, done: Callable[[str], bool]) -> 
         await asyncio.sleep(0.1)
 
 
+@pytest_asyncio.fixture(loop_scope="session")
+async def own_engine(tiny: DefaultModel) -> AsyncIterator[VllmEngine]:
+    """An engine of this test's own. vLLM's gauges live in prometheus_client's global registry,
+    and each new AsyncLLM replaces the previous one's there (one engine per process in the
+    service): the session engine's would be stale once another test started an engine."""
+    started = await VllmEngine.start(engine_settings(), str(tiny.model_dir), "tiny-gemma4")
+    yield started
+    await started.shutdown()
+
+
 async def test_router_gauges_name_served_adapters(
-    engine: VllmEngine, tiny: DefaultModel, tmp_path: Path
+    own_engine: VllmEngine, tiny: DefaultModel, tmp_path: Path
 ) -> None:
-    # The shared engine may still hold earlier tests' adapters, pinned ones too: drop them, so its
-    # caches hold this server's adapters only and the residency below is exactly predictable.
-    for int_id in await engine.list_adapters():
-        await engine.remove_adapter(int_id)
+    engine = own_engine  # holds no adapter yet: the residency below is exactly predictable
     root = tmp_path / "root"
     shutil.copytree(tiny.adapter_dirs()["demo-attn"], root / "good")
     settings = engine_settings(
