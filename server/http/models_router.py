@@ -10,8 +10,9 @@ from openai.types import Model
 from pydantic import BaseModel
 
 from adapters.registry import AdapterRecord
+from adapters.store import StoredManifest
 from server.admin.adapter_service import AdapterService
-from server.admin.store_sync import StoreSync
+from server.admin.store_sync import StoreSync, record_of
 from server.http.deps import ServicesDep, require_inference_key
 from server.http.errors import NotFound
 from server.http.openapi import INFERENCE_ROUTE, KEY_OPTIONAL, errors
@@ -44,20 +45,14 @@ def model_cards(
     base = adapters.base_model_name
     cards = [ModelCard(id=base, object="model", created=base_created, owned_by=OWNER, root=base)]
     cards += [_adapter_card(record, base) for record in adapters.registry]
-    served = adapters.registry
-    cards += [
-        ModelCard(
-            id=manifest.name,
-            object="model",
-            created=int(manifest.updated_at),
-            owned_by=OWNER,
-            root=manifest.source,
-            parent=base,
-        )
-        for manifest in (store.manifests() if store is not None else [])
-        if manifest.name not in served
-    ]
+    cards += [_adapter_card(record_of(manifest), base) for manifest in _store_only(adapters, store)]
     return cards
+
+
+def _store_only(adapters: AdapterService, store: StoreSync | None) -> list[StoredManifest]:
+    """Adapters registered in the shared store and not served here yet."""
+    manifests = store.manifests() if store is not None else []
+    return [manifest for manifest in manifests if manifest.name not in adapters.registry]
 
 
 def _adapter_card(record: AdapterRecord, base: str) -> ModelCard:
@@ -105,7 +100,7 @@ async def get_model(model_id: str, services: ServicesDep) -> ModelCard:
     record = services.adapters.registry.find(model_id)
     if record is not None:
         return _adapter_card(record, base)
-    for card in model_cards(services.adapters, services.started_at, services.store):
-        if card.id == model_id:  # only in the shared store
-            return card
+    for manifest in _store_only(services.adapters, services.store):
+        if manifest.name == model_id:
+            return _adapter_card(record_of(manifest), base)
     raise NotFound(f"The model `{model_id}` does not exist.", param="model")
