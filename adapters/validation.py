@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import re
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,7 @@ PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt")
 MAX_CONFIG_BYTES = 1 << 20
 _HASH_CHUNK_BYTES = 1 << 20
 _FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})  # safetensors' dtype names
-_REGEX_TIMEOUT_SECONDS = 0.1
+_REGEX_TIMEOUT_SECONDS = 0.1  # CPU seconds one module name's match may take
 _MAX_SHOWN_CHARS = 200  # room for a full tensor name
 
 _LAYER_INDEX = re.compile(r"model\.language_model\.layers\.\d+\.")
@@ -307,10 +308,20 @@ def _regex_matcher(pattern_text: str, field: str) -> Callable[[str], bool]:
         raise InvalidAdapter(f"{field} is not a valid regular expression") from None
 
     def fullmatch(name: str) -> bool:
-        try:
-            return pattern.fullmatch(name, timeout=_REGEX_TIMEOUT_SECONDS) is not None
-        except TimeoutError:
-            raise InvalidAdapter(f"{field} is a regular expression too slow to evaluate") from None
+        # `regex`'s timeout is wall-clock time: on a busy machine the thread can wait for a core
+        # longer than the limit while the match itself costs microseconds. Only CPU time the
+        # thread spent refuses the regex; time spent waiting doubles the wall limit and retries.
+        cpu_started = time.thread_time()
+        wall_limit = _REGEX_TIMEOUT_SECONDS
+        while True:
+            try:
+                return pattern.fullmatch(name, timeout=wall_limit) is not None
+            except TimeoutError:
+                if time.thread_time() - cpu_started >= _REGEX_TIMEOUT_SECONDS:
+                    raise InvalidAdapter(
+                        f"{field} is a regular expression too slow to evaluate"
+                    ) from None
+                wall_limit *= 2
 
     return fullmatch
 

@@ -333,6 +333,34 @@ def test_target_modules_regex_too_slow(copy_adapter: CopyAdapter, base: BaseMode
     assert time.perf_counter() - started < 5
 
 
+def test_target_modules_regex_waiting_for_a_core_is_not_too_slow(
+    copy_adapter: CopyAdapter, base: BaseModelSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A busy machine: the first match times out on the wall clock with no CPU spent."""
+    import regex
+
+    compile_regex = regex.compile
+    starved = []
+
+    class StarvedOnce:
+        def __init__(self, pattern: Any) -> None:
+            self._pattern = pattern
+
+        def fullmatch(self, name: str, timeout: float) -> Any:
+            if not starved:
+                starved.append(name)
+                time.sleep(timeout)  # waiting for a core: wall time passes, CPU time does not
+                raise TimeoutError("regex timed out")
+            return self._pattern.fullmatch(name, timeout=timeout)
+
+    monkeypatch.setattr(regex, "compile", lambda text: StarvedOnce(compile_regex(text)))
+    folder = copy_adapter()
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert isinstance(config["target_modules"], str)  # a regex, so the matcher runs
+    assert validate_adapter(folder, base, LIMITS).rank > 0
+    assert starved, "the wrapper was not used"
+
+
 def test_targets_only_the_vision_tower(copy_adapter: CopyAdapter, base: BaseModelSpec) -> None:
     folder = copy_adapter()
     edit_config(folder, target_modules=r".*vision_tower.*\.(q|k|v|o)_proj")
