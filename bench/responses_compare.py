@@ -9,14 +9,10 @@ request with `openai.OpenAI().responses`, and prints one table row per check: wh
 
 from __future__ import annotations
 
-import argparse
 import base64
 import io
 import json
-import logging
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -25,20 +21,9 @@ import openai
 import soundfile
 from PIL import Image
 
-from bench.adapters import BenchAdapters
-from bench.servers import (
-    TargetProcess,
-    base_env,
-    free_port,
-    service_command,
-    vllm_command,
-    vllm_env,
-)
-from bench.workload import EngineConfig
+from bench.side_by_side import compare, parse_args
 from server.testbed.default_model import ensure_default_model
 from server.testbed.demo_training import WEATHER_TOOLS
-
-logger = logging.getLogger(__name__)
 
 QUESTION = "What is the weather in Paris?"
 TOOLS: list[Any] = [{"type": "function", **tool["function"]} for tool in WEATHER_TOOLS]
@@ -270,57 +255,14 @@ def checks() -> dict[str, Check]:
     return {label: _guard(check) for label, check in found.items()}
 
 
-def run_target(name: str, command: list[str], env: dict[str, str], port: int, log: Path,
-               adapter: str) -> dict[str, str]:  # fmt: skip
-    target = TargetProcess(name, command, env, log)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        target.wait_ready(url, adapter, timeout=1200)
+def main() -> None:
+    args = parse_args(__doc__)
+
+    def answers(url: str) -> dict[str, str]:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
         return {label: check(client) for label, check in checks().items()}
-    finally:
-        target.stop()
 
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--cache-dir", type=Path, default=Path(".cache"))
-    parser.add_argument("--out", type=Path, default=None, help="also write the table here")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    tiny = ensure_default_model(args.cache_dir)
-    adapters = tiny.adapter_dirs()
-    engine = EngineConfig(model_dir=str(tiny.model_dir), served_name="tiny-gemma4")
-    bench_adapters = BenchAdapters(
-        registered_dir=tiny.adapters_dir, hot_dir=tiny.adapters_dir, registered=adapters, hot={}
-    )
-    results: dict[str, dict[str, str]] = {}
-    with tempfile.TemporaryDirectory() as work:
-        logs = Path(work)
-        port = free_port()
-        command = [
-            *vllm_command(engine, bench_adapters, port),
-            "--enable-auto-tool-choice",
-            "--tool-call-parser", "gemma4",
-            "--reasoning-parser", "gemma4",
-        ]  # fmt: skip
-        results["vllm serve"] = run_target(
-            "vllm serve", command, vllm_env(), port, logs / "vllm.log", "demo-pirate"
-        )
-        port = free_port()
-        command = service_command(engine, bench_adapters, port, logs / "state")
-        results["this service"] = run_target(
-            "service", command, base_env(), port, logs / "service.log", "demo-pirate"
-        )
-    lines = ["| request | vllm serve (gemma4 parsers) | this service |", "|---|---|---|"]
-    lines += [
-        f"| {label} | {results['vllm serve'][label]} | {results['this service'][label]} |"
-        for label in results["vllm serve"]
-    ]
-    table = "\n".join(lines)
-    logger.info("\n%s", table)
-    if args.out:
-        args.out.write_text(table + "\n", encoding="utf-8")
+    compare(ensure_default_model(args.cache_dir), "demo-pirate", answers, args.out)
 
 
 if __name__ == "__main__":

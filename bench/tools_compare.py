@@ -9,30 +9,15 @@ request, and prints one table row per check: what each answered.
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import httpx
 import jsonschema
 
-from bench.adapters import BenchAdapters
-from bench.servers import (
-    TargetProcess,
-    base_env,
-    free_port,
-    service_command,
-    vllm_command,
-    vllm_env,
-)
-from bench.workload import EngineConfig
+from bench.side_by_side import SERVED_NAME, compare, parse_args
 from server.testbed.default_model import ensure_default_model
-
-logger = logging.getLogger(__name__)
 
 WEATHER: dict[str, Any] = {
     "type": "function",
@@ -194,59 +179,17 @@ def checks(base: str, adapter: str) -> dict[str, Check]:
     }
 
 
-def run_target(name: str, command: list[str], env: dict[str, str], port: int, log: Path,
-               base: str, adapter: str) -> dict[str, str]:  # fmt: skip
-    target = TargetProcess(name, command, env, log)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        target.wait_ready(url, adapter, timeout=1200)
-        with httpx.Client(base_url=url) as http:
-            return {label: check(http, base) for label, check in checks(base, adapter).items()}
-    finally:
-        target.stop()
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--cache-dir", type=Path, default=Path(".cache"))
-    parser.add_argument("--out", type=Path, default=None, help="also write the table here")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(__doc__)
     tiny = ensure_default_model(args.cache_dir)
-    adapters = tiny.adapter_dirs()
-    engine = EngineConfig(model_dir=str(tiny.model_dir), served_name="tiny-gemma4")
-    bench_adapters = BenchAdapters(
-        registered_dir=tiny.adapters_dir, hot_dir=tiny.adapters_dir, registered=adapters, hot={}
-    )
-    adapter = sorted(adapters)[0]
-    results: dict[str, dict[str, str]] = {}
-    with tempfile.TemporaryDirectory() as work:
-        logs = Path(work)
-        port = free_port()
-        command = [
-            *vllm_command(engine, bench_adapters, port),
-            "--enable-auto-tool-choice",
-            "--tool-call-parser", "gemma4",
-            "--reasoning-parser", "gemma4",
-        ]  # fmt: skip
-        results["vllm serve"] = run_target(
-            "vllm serve", command, vllm_env(), port, logs / "vllm.log", engine.served_name, adapter
-        )
-        port = free_port()
-        command = service_command(engine, bench_adapters, port, logs / "state")
-        results["this service"] = run_target(
-            "service", command, base_env(), port, logs / "service.log", engine.served_name, adapter
-        )
-    labels = list(results["vllm serve"])
-    lines = ["| request | vllm serve (gemma4 parsers) | this service |", "|---|---|---|"]
-    lines += [
-        f"| {label} | {results['vllm serve'][label]} | {results['this service'][label]} |"
-        for label in labels
-    ]
-    table = "\n".join(lines)
-    logger.info("\n%s", table)
-    if args.out:
-        args.out.write_text(table + "\n", encoding="utf-8")
+    adapter = sorted(tiny.adapter_dirs())[0]
+
+    def answers(url: str) -> dict[str, str]:
+        with httpx.Client(base_url=url) as http:
+            found = checks(SERVED_NAME, adapter)
+            return {label: check(http, SERVED_NAME) for label, check in found.items()}
+
+    compare(tiny, adapter, answers, args.out)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import contextlib
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +100,18 @@ def server_command(tiny_cache: Path, port: int, *flags: str) -> list[str]:
         str(64 * 2**20),
         *flags,
     ]
+
+
+@contextlib.contextmanager
+def server_process(tiny_cache: Path, *flags: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """`server_command` started on a free port: the process and its base URL; killed (with its
+    engine processes) on leaving."""
+    port = free_port()
+    process = subprocess.Popen(server_command(tiny_cache, port, *flags))
+    try:
+        yield process, f"http://127.0.0.1:{port}"
+    finally:
+        kill_tree(process)
 
 
 def kill_tree(process: subprocess.Popen[bytes]) -> None:

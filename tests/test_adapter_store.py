@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -107,34 +107,29 @@ def test_list_tokens_change_when_a_manifest_changes(store: AdapterStore) -> None
     assert after["b"] == before["b"]
 
 
-def test_concurrent_creates_and_replaces_have_exactly_one_winner(store: AdapterStore) -> None:
-    writers = 8
+def race(writers: int, write: Callable[[int], object]) -> list[bool]:
+    """`write(i)` in `writers` threads released at once: which of them met no conflict."""
     barrier = threading.Barrier(writers)
 
-    def create(i: int) -> bool:
+    def attempt(i: int) -> bool:
         barrier.wait()
         try:
-            store.create_manifest(manifest("race", f"d{i}"))
+            write(i)
             return True
         except ManifestConflict:
             return False
 
     with ThreadPoolExecutor(writers) as pool:
-        created = list(pool.map(create, range(writers)))
+        return list(pool.map(attempt, range(writers)))
+
+
+def test_concurrent_creates_and_replaces_have_exactly_one_winner(store: AdapterStore) -> None:
+    created = race(8, lambda i: store.create_manifest(manifest("race", f"d{i}")))
     assert created.count(True) == 1
     entry = store.read_manifest("race")
     assert entry is not None and entry.manifest.version == f"d{created.index(True)}"
-
-    def replace(i: int) -> bool:
-        barrier.wait()
-        try:
-            store.replace_manifest(manifest("race", f"r{i}", 2), entry.token)
-            return True
-        except ManifestConflict:
-            return False
-
-    with ThreadPoolExecutor(writers) as pool:
-        replaced = list(pool.map(replace, range(writers)))
+    token = entry.token
+    replaced = race(8, lambda i: store.replace_manifest(manifest("race", f"r{i}", 2), token))
     assert replaced.count(True) == 1
     final = store.read_manifest("race")
     assert final is not None and final.manifest.version == f"r{replaced.index(True)}"

@@ -8,6 +8,7 @@ import io
 import json
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import jsonschema
@@ -230,17 +231,21 @@ async def test_sampling_parameters_are_applied(api: LiveServer) -> None:
     assert penalised.choices[0].message.content is not None
 
 
+# A JSON schema with an enum, a boolean and a bounded integer (also used by the Responses tests).
+BALL_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "color": {"enum": ["red", "green", "blue"]},
+        "ok": {"type": "boolean"},
+        "size": {"type": "integer", "minimum": 0, "maximum": 99},
+    },
+    "required": ["color", "ok", "size"],
+    "additionalProperties": False,
+}
+
+
 async def test_json_schema_response_validates(api: LiveServer) -> None:
-    schema = {
-        "type": "object",
-        "properties": {
-            "color": {"enum": ["red", "green", "blue"]},
-            "ok": {"type": "boolean"},
-            "size": {"type": "integer", "minimum": 0, "maximum": 99},
-        },
-        "required": ["color", "ok", "size"],
-        "additionalProperties": False,
-    }
+    schema = BALL_SCHEMA
     reply = await async_client(api).chat.completions.create(
         model="demo-all",
         messages=messages("text"),

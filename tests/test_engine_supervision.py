@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server.testbed.default_model import DefaultModel
 from server.testbed.demo_adapters import DEMO_ADAPTERS, write_demo_adapter
-from tests.live_server import free_port, kill_tree, server_command, wait_ready
+from tests.live_server import server_process, wait_ready
 
 ADMIN = "supervision-admin"
 BASE = "tiny-gemma4"
@@ -75,14 +75,10 @@ async def restarts(base_url: str) -> float:
 def server(tiny: DefaultModel, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     root = tmp_path / "root"
     write_demo_adapter(tiny.model_dir, root / "kept", DEMO_ADAPTERS[0], seed=7)
-    port = free_port()
     flags = ["--state-dir", str(tmp_path / "state"), "--adapter-roots", str(root)]
     flags += ["--admin-keys", ADMIN]  # and the default dtype, as users run it
-    process = subprocess.Popen(server_command(tiny.model_dir.parent, port, *flags))
-    try:
-        yield process, f"http://127.0.0.1:{port}"
-    finally:
-        kill_tree(process)
+    with server_process(tiny.model_dir.parent, *flags) as started:
+        yield started
 
 
 async def test_sigkill_of_the_engine_core_is_recovered_in_process(

@@ -13,8 +13,10 @@ import openai
 import pytest
 import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from server.engine.vllm_engine import VllmEngine
+from server.settings import Settings
 from server.testbed.default_model import DefaultModel
 from tests.conftest import engine_settings
 from tests.live_server import LiveServer, live_server
@@ -24,7 +26,10 @@ BASE = "tiny-gemma4"
 PROMPT = [{"role": "user", "content": "Tell me a story about a cat."}]
 
 
-def scrape(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]  # (name, labels) -> value
+
+
+def scrape(text: str) -> Samples:
     samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -32,10 +37,21 @@ def scrape(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     return samples
 
 
-def value(
-    samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
-) -> float:
+def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def settings_with_root(tiny: DefaultModel, tmp_path: Path, **overrides: Any) -> Settings:
+    """Test engine settings with an admin key and an adapter root holding `good` (demo-attn)."""
+    root = tmp_path / "root"
+    shutil.copytree(tiny.adapter_dirs()["demo-attn"], root / "good")
+    return engine_settings(
+        cache_dir=tiny.model_dir.parent,
+        state_dir=tmp_path / "state",
+        adapter_roots=[root],
+        admin_keys=[ADMIN],
+        **overrides,
+    )
 
 
 async def run_sequence(server: LiveServer, root: Path) -> dict[str, int]:
@@ -91,17 +107,9 @@ async def run_sequence(server: LiveServer, root: Path) -> dict[str, int]:
 async def test_metrics_count_exactly(
     engine: VllmEngine, tiny: DefaultModel, tmp_path: Path
 ) -> None:
-    root = tmp_path / "root"
-    shutil.copytree(tiny.adapter_dirs()["demo-attn"], root / "good")
-    settings = engine_settings(
-        cache_dir=tiny.model_dir.parent,
-        state_dir=tmp_path / "state",
-        adapter_roots=[root],
-        admin_keys=[ADMIN],
-        metrics_need_admin_key=True,
-    )
+    settings = settings_with_root(tiny, tmp_path, metrics_need_admin_key=True)
     async with live_server(settings, engine, first_adapter_id=50_000) as server:
-        prompt_tokens = await run_sequence(server, root)
+        prompt_tokens = await run_sequence(server, settings.adapter_roots[0])
         async with httpx.AsyncClient(base_url=server.base_url) as http:
             assert (await http.get("/metrics")).status_code == 401
             text = (await http.get("/metrics", headers={"Authorization": f"Bearer {ADMIN}"})).text
@@ -155,26 +163,39 @@ def test_adapter_labels_are_bounded() -> None:
 LONG = 960  # tokens: a stream stays in flight for seconds while the test reads /metrics
 
 
+def family_samples(text: str, name: str) -> list[Sample]:
+    """The samples of the metric family `name`, which must appear exactly once (the service's
+    own, where vLLM has one of the same name: vLLM's is left out)."""
+    families = [f for f in text_string_to_metric_families(text) if f.name == name]
+    assert len(families) == 1, f"{name}: {len(families)} families"
+    return families[0].samples
+
+
 def lora_info(text: str) -> list[dict[str, str]]:
-    """The label sets of `vllm:lora_requests_info`; the family must appear exactly once."""
-    families = [
-        f for f in text_string_to_metric_families(text) if f.name == "vllm:lora_requests_info"
-    ]
-    assert len(families) == 1, "one family, the service's (vLLM's own is left out)"
-    return [dict(sample.labels) for sample in families[0].samples]
+    """The label sets of `vllm:lora_requests_info`."""
+    return [dict(sample.labels) for sample in family_samples(text, "vllm:lora_requests_info")]
 
 
-def vllm_gauge(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str) -> float:
+def vllm_gauge(text: str, name: str) -> float:
     """One of vLLM's own engine gauges (labelled with the served model and engine index)."""
-    return value(samples, name, model_name=BASE, engine="0")
+    return value(scrape(text), name, model_name=BASE, engine="0")
+
+
+def router_view(text: str) -> dict[str, Any]:
+    """What a router reads: the one `vllm:lora_requests_info` label set, with vLLM's counts of
+    running and waiting requests."""
+    (info,) = lora_info(text)
+    return {
+        **info,
+        "running": vllm_gauge(text, "vllm:num_requests_running"),
+        "waiting": vllm_gauge(text, "vllm:num_requests_waiting"),
+    }
 
 
 def residency(text: str) -> set[tuple[str, str, str]]:
     return {
         (s.labels["adapter_name"], s.labels["level"], s.labels["pinned"])
-        for f in text_string_to_metric_families(text)
-        if f.name == "vllm:lora_adapter_loaded"
-        for s in f.samples
+        for s in family_samples(text, "vllm:lora_adapter_loaded")
         if s.value == 1
     }
 
@@ -203,14 +224,7 @@ async def test_router_gauges_name_served_adapters(
     own_engine: VllmEngine, tiny: DefaultModel, tmp_path: Path
 ) -> None:
     engine = own_engine  # holds no adapter yet: the residency below is exactly predictable
-    root = tmp_path / "root"
-    shutil.copytree(tiny.adapter_dirs()["demo-attn"], root / "good")
-    settings = engine_settings(
-        cache_dir=tiny.model_dir.parent,
-        state_dir=tmp_path / "state",
-        adapter_roots=[root],
-        admin_keys=[ADMIN],
-    )
+    settings = settings_with_root(tiny, tmp_path)
     assert (settings.max_loras, settings.max_cpu_loras) == (3, 4)
     async with live_server(settings, engine, first_adapter_id=52_000) as server:
         client = openai.AsyncOpenAI(base_url=server.v1, api_key="unused", max_retries=0)
@@ -238,17 +252,14 @@ async def test_router_gauges_name_served_adapters(
                 streams.append(await long_stream("demo-attn"))
                 await anext(aiter(streams[0]))
                 text = (await http.get("/metrics")).text
-                assert lora_info(text) == [
-                    {
-                        "max_lora": "3",
-                        "running_lora_adapters": "demo-attn",
-                        "waiting_lora_adapters": "",
-                    }
-                ]
-                m = scrape(text)
-                assert vllm_gauge(m, "vllm:num_requests_running") == 1
-                assert vllm_gauge(m, "vllm:num_requests_waiting") == 0
-                assert 0 < vllm_gauge(m, "vllm:kv_cache_usage_perc") < 1
+                assert router_view(text) == {
+                    "max_lora": "3",
+                    "running_lora_adapters": "demo-attn",
+                    "waiting_lora_adapters": "",
+                    "running": 1,
+                    "waiting": 0,
+                }
+                assert 0 < vllm_gauge(text, "vllm:kv_cache_usage_perc") < 1
 
                 # Three adapters fill the three slots; a request on a fourth waits for a slot.
                 for model in ["demo-mlp", "demo-all"]:
@@ -261,20 +272,16 @@ async def test_router_gauges_name_served_adapters(
                 )
                 # Until the engine core has it queued (its own gauges follow a step later).
                 text = await poll_metrics(
-                    http,
-                    lambda t: vllm_gauge(scrape(t), "vllm:num_requests_waiting") == 1,
+                    http, lambda t: vllm_gauge(t, "vllm:num_requests_waiting") == 1
                 )
-                assert lora_info(text) == [
-                    {
-                        "max_lora": "3",
-                        "running_lora_adapters": "demo-all,demo-attn,demo-mlp",
-                        "waiting_lora_adapters": "demo-pirate",
-                    }
-                ]
-                m = scrape(text)
-                assert vllm_gauge(m, "vllm:num_requests_running") == 3
-                assert vllm_gauge(m, "vllm:num_requests_waiting") == 1
-                assert value(m, "gemma_server_engine_requests_unfinished") == 4
+                assert router_view(text) == {
+                    "max_lora": "3",
+                    "running_lora_adapters": "demo-all,demo-attn,demo-mlp",
+                    "waiting_lora_adapters": "demo-pirate",
+                    "running": 3,
+                    "waiting": 1,
+                }
+                assert value(scrape(text), "gemma_server_engine_requests_unfinished") == 4
             finally:
                 for stream in streams:
                     await stream.close()  # aborts: the waiting request gets a slot and finishes

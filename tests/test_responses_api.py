@@ -22,7 +22,7 @@ from server.testbed.default_model import DefaultModel
 from server.testbed.demo_training import PIRATE_REPLY, WEATHER_TOOLS
 from tests.conftest import engine_settings
 from tests.live_server import LiveServer, live_server
-from tests.test_api_openai import CONTENTS, png_data_url, wav_base64
+from tests.test_api_openai import BALL_SCHEMA, CONTENTS, png_data_url, wav_base64
 
 BASE = "tiny-gemma4"
 QUESTION = "What is the weather in Paris?"
@@ -275,16 +275,7 @@ async def test_stored_responses_can_be_read_deleted_and_are_bounded(api: LiveSer
 
 
 async def test_json_schema_text_format(api: LiveServer) -> None:
-    schema = {
-        "type": "object",
-        "properties": {
-            "color": {"enum": ["red", "green", "blue"]},
-            "ok": {"type": "boolean"},
-            "size": {"type": "integer", "minimum": 0, "maximum": 99},
-        },
-        "required": ["color", "ok", "size"],
-        "additionalProperties": False,
-    }
+    schema = BALL_SCHEMA
     story = CONTENTS["text"][0]["text"]
     response = await client(api).responses.create(
         model="demo-all",

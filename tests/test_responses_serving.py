@@ -226,6 +226,63 @@ async def test_cut_output_is_incomplete(parts: Any) -> None:
     assert whole.incomplete_details.reason == "max_output_tokens"
 
 
+async def vllm_responses_prompt(model_dir: str, body: dict[str, Any], content_format: str) -> Any:
+    """The prompt `vllm serve` renders for a Responses request (vLLM's own renderer, no engine)."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest as VllmRequest
+    from vllm.renderers import renderer_from_config
+    from vllm.renderers.online_renderer import OnlineRenderer
+
+    config = EngineArgs(model=model_dir, max_model_len=1024).create_engine_config()
+    online = OnlineRenderer(
+        config.model_config,
+        renderer_from_config(config),
+        request_logger=None,
+        chat_template=None,
+        chat_template_content_format=content_format,  # type: ignore[arg-type]
+    )
+    rendered = await online.render_responses(VllmRequest.model_validate(body))
+    return rendered.engine_input  # type: ignore[union-attr]
+
+
+async def test_instructions_render_as_the_template_renders_a_string_system_prompt(
+    parts: Any, tiny: DefaultModel
+) -> None:
+    """`instructions` is a system turn with string content: the model's reference rendering.
+
+    `vllm serve` 0.32 renders one token more: it detects Gemma 4's template as taking content
+    parts ("openai" format), wraps the string in one text part, and the template ends every
+    system part with a space (`item['text'] | trim + ' '`), so `...assistant. <turn|>`.
+    transformers' `apply_chat_template` and vLLM told `--chat-template-content-format string`
+    render the string without it, as this service does.
+    """
+    body = {
+        "model": "m",
+        "instructions": "You are a helpful assistant.",
+        "input": [{"role": "user", "content": [{"type": "input_text", "text": "Hi"}]}],
+    }
+    responses, engine = service(parts)
+    engine.output = "Arr."
+    await responses.complete(ResponsesRequest.model_validate(body), "r0")
+    tokenizer = parts[0].tokenizer
+    reference = tokenizer.apply_chat_template(
+        [
+            {"role": "system", "content": body["instructions"]},
+            {"role": "user", "content": "Hi"},
+        ],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    assert engine.prompts[0] == reference
+    ours = tokenizer.encode(engine.prompts[0])
+    model_dir = str(tiny.model_dir)
+    as_string = await vllm_responses_prompt(model_dir, body, "string")
+    served = await vllm_responses_prompt(model_dir, body, "auto")  # `vllm serve`'s default
+    assert as_string["prompt_token_ids"] == ours
+    assert len(served["prompt_token_ids"]) == len(ours) + 1 == 40
+    assert served["prompt"] == engine.prompts[0].replace("assistant.<turn|>", "assistant. <turn|>")
+
+
 def test_consecutive_assistant_items_make_one_turn() -> None:
     request = ResponsesRequest.model_validate(
         {

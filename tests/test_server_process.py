@@ -14,27 +14,21 @@ import psutil
 import pytest
 
 from server.testbed.default_model import DefaultModel
-from tests.live_server import free_port, kill_tree, server_command, wait_ready
+from tests.live_server import server_process, wait_ready
 
 
 @pytest.fixture
-def server_process(
-    tiny: DefaultModel, tmp_path: Path
-) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    port = free_port()
+def server(tiny: DefaultModel, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     flags = ["--state-dir", str(tmp_path / "state"), "--drain-timeout-seconds", "60"]
     flags += ["--engine-max-restarts", "1"]
-    process = subprocess.Popen(server_command(tiny.model_dir.parent, port, *flags))
-    try:
-        yield process, f"http://127.0.0.1:{port}"
-    finally:
-        kill_tree(process)
+    with server_process(tiny.model_dir.parent, *flags) as started:
+        yield started
 
 
 async def test_sigterm_lets_in_flight_requests_finish_then_stops_everything(
-    server_process: tuple[subprocess.Popen[bytes], str],
+    server: tuple[subprocess.Popen[bytes], str],
 ) -> None:
-    process, base_url = server_process
+    process, base_url = server
     await wait_ready(base_url)
     children = psutil.Process(process.pid).children(recursive=True)
     assert children, "the engine runs in child processes"
@@ -63,9 +57,9 @@ async def test_sigterm_lets_in_flight_requests_finish_then_stops_everything(
 
 
 async def test_ready_is_false_while_starting_and_the_server_exits_when_the_engine_keeps_dying(
-    server_process: tuple[subprocess.Popen[bytes], str],
+    server: tuple[subprocess.Popen[bytes], str],
 ) -> None:
-    process, base_url = server_process  # started with --engine-max-restarts 1
+    process, base_url = server  # started with --engine-max-restarts 1
     seen: list[int] = []
     async with httpx.AsyncClient(base_url=base_url, timeout=10) as http:
         while not seen or seen[-1] != 200:

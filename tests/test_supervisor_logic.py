@@ -125,6 +125,12 @@ class Harness:
     def metric(self, name: str) -> float:
         return self.metrics.registry.get_sample_value(name) or 0.0
 
+    async def engine_dies(self) -> None:
+        """The newest engine dies; the next health check finds it dead (and raises)."""
+        self.engines[-1].alive = False
+        with pytest.raises(EngineDeadError):
+            await self.supervisor.check_health()
+
     async def until(self, phase: Phase, timeout: float = 10) -> None:
         async with asyncio.timeout(timeout):
             while self.lifecycle.phase is not phase:
@@ -155,9 +161,7 @@ async def test_death_mid_stream_turns_restarting_at_once_then_ready_on_a_new_eng
 
 async def test_a_probe_finds_the_death_and_calls_while_restarting_get_engine_dead() -> None:
     h = Harness(RestartPolicy(max_restarts=3, window_seconds=600), failing_starts=1)
-    h.engines[0].alive = False
-    with pytest.raises(EngineDeadError):
-        await h.supervisor.check_health()
+    await h.engine_dies()
     assert h.lifecycle.phase is Phase.RESTARTING
     with pytest.raises(EngineDeadError, match="restarting"):
         await anext(h.supervisor.generate("r", prompt(), Sampling(), None))
@@ -169,13 +173,9 @@ async def test_a_probe_finds_the_death_and_calls_while_restarting_get_engine_dea
 
 async def test_the_service_fails_when_the_engine_keeps_dying() -> None:
     h = Harness(RestartPolicy(max_restarts=1, window_seconds=600))
-    h.engines[0].alive = False
-    with pytest.raises(EngineDeadError):
-        await h.supervisor.check_health()
+    await h.engine_dies()
     await h.until(Phase.READY)
-    h.engines[1].alive = False
-    with pytest.raises(EngineDeadError):
-        await h.supervisor.check_health()
+    await h.engine_dies()
     await h.until(Phase.FAILED)
     assert h.failures and "1 restarts in 600 s" in h.failures[0]
     assert all(engine.shut_down for engine in h.engines) and len(h.engines) == 2
@@ -184,9 +184,7 @@ async def test_the_service_fails_when_the_engine_keeps_dying() -> None:
 
 async def test_no_restarts_allowed_fails_at_the_first_death() -> None:
     h = Harness(RestartPolicy(max_restarts=0, window_seconds=600))
-    h.engines[0].alive = False
-    with pytest.raises(EngineDeadError):
-        await h.supervisor.check_health()
+    await h.engine_dies()
     await h.until(Phase.FAILED)
     assert len(h.engines) == 1
 
@@ -208,9 +206,7 @@ async def test_a_callers_engine_is_not_restarted_nor_shut_down() -> None:
 
 async def test_shutdown_during_backoff_stops_at_once() -> None:
     h = Harness(RestartPolicy(max_restarts=5, window_seconds=600), failing_starts=5)
-    h.engines[0].alive = False
-    with pytest.raises(EngineDeadError):
-        await h.supervisor.check_health()
+    await h.engine_dies()
     await asyncio.sleep(0.1)  # first start failed; now waiting 1 s before the next
     h.lifecycle.drain()
     async with asyncio.timeout(0.5):

@@ -35,9 +35,9 @@ from server.responses.protocol import (
     InputItem,
     InputTextPart,
     MessageIn,
-    OtherItem,
     OutputTextPart,
     ReasoningIn,
+    Unserved,
 )
 
 _MESSAGE_PARAM = re.compile(r"messages\[(\d+)\]")
@@ -169,7 +169,7 @@ def append_input(conversation: Conversation, items: str | list[InputItem]) -> No
             conversation.add(result, where)
             open_turn = None
         else:
-            assert isinstance(item, OtherItem)
+            assert isinstance(item, Unserved)
             raise BadRequest(
                 f"{where}.type {item.type!r} is not supported (messages, function_call, "
                 "function_call_output and reasoning items are)",

@@ -134,18 +134,11 @@ class OutputAssembler:
             part = PartReasoningText(type="reasoning_text", text="")
         self.items.append(added)
         return [
-            self.event(
-                ResponseOutputItemAddedEvent,
-                type="response.output_item.added",
-                output_index=item.index,
-                item=added,
-            ),
+            self._item_added(item.index, added),
             self.event(
                 ResponseContentPartAddedEvent,
                 type="response.content_part.added",
-                item_id=item.id,
-                output_index=item.index,
-                content_index=0,
+                **self._where(item),
                 part=part,
             ),
         ]
@@ -164,9 +157,7 @@ class OutputAssembler:
             text_done = self.event(
                 ResponseTextDoneEvent,
                 type="response.output_text.done",
-                item_id=item.id,
-                output_index=item.index,
-                content_index=0,
+                **self._where(item),
                 text=item.text,
                 logprobs=[],
             )
@@ -182,9 +173,7 @@ class OutputAssembler:
             text_done = self.event(
                 ResponseReasoningTextDoneEvent,
                 type="response.reasoning_text.done",
-                item_id=item.id,
-                output_index=item.index,
-                content_index=0,
+                **self._where(item),
                 text=item.text,
             )
         self.items[item.index] = done
@@ -193,9 +182,7 @@ class OutputAssembler:
             self.event(
                 ResponseContentPartDoneEvent,
                 type="response.content_part.done",
-                item_id=item.id,
-                output_index=item.index,
-                content_index=0,
+                **self._where(item),
                 part=part,
             ),
             self._item_done(item.index, done),
@@ -216,12 +203,7 @@ class OutputAssembler:
         where = {"item_id": done.id, "output_index": index}
         return [
             *events,
-            self.event(
-                ResponseOutputItemAddedEvent,
-                type="response.output_item.added",
-                output_index=index,
-                item=added,
-            ),
+            self._item_added(index, added),
             # Calls are released whole (see CompletionReader): their arguments in one delta.
             self.event(
                 ResponseFunctionCallArgumentsDeltaEvent,
@@ -237,6 +219,14 @@ class OutputAssembler:
             ),
             self._item_done(index, done),
         ]
+
+    def _item_added(self, index: int, item: ResponseOutputItem) -> BaseModel:
+        return self.event(
+            ResponseOutputItemAddedEvent,
+            type="response.output_item.added",
+            output_index=index,
+            item=item,
+        )
 
     def _item_done(self, index: int, item: ResponseOutputItem) -> BaseModel:
         return self.event(

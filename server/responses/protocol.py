@@ -8,7 +8,7 @@ not served (built-in tools, `background`, ...) are declared so that they can be 
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from openai.types.responses import (
     ResponseCompletedEvent,
@@ -38,9 +38,22 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-def _kind(default: str, known: set[str]) -> Any:
-    """A discriminator reading `type` (`default` when absent; "other" when not one of `known`),
-    so an unserved type reaches the service, which refuses it by name."""
+class Unserved(_Request):
+    """A part, item, tool or tool choice of a type this service does not serve (`input_file`,
+    `item_reference`, `web_search`, ...): it reaches the service, which refuses it by name."""
+
+    type: str
+
+
+def _kind(default: str, union: Any) -> Any:
+    """A discriminator reading `type` (`default` when absent) for a union of tagged models:
+    a type none of them is tagged with is "other", the `Unserved` member's tag."""
+    known = {
+        meta.tag
+        for member in get_args(union)
+        for meta in get_args(member)[1:]
+        if isinstance(meta, Tag) and meta.tag != "other"
+    }
 
     def kind(value: Any) -> str:
         # Any JSON may arrive here: a non-string type (or a non-object) is "other", a 400.
@@ -82,20 +95,14 @@ class InputAudioPart(_Request):
     input_audio: InputAudioIn
 
 
-class OtherPart(_Request):
-    """A part type this service does not serve (`input_file`, `refusal`, ...): refused."""
-
-    type: str
-
-
-ContentPart = Annotated[
+_ContentParts = (
     Annotated[InputTextPart, Tag("input_text")]
     | Annotated[OutputTextPart, Tag("output_text")]
     | Annotated[InputImagePart, Tag("input_image")]
     | Annotated[InputAudioPart, Tag("input_audio")]
-    | Annotated[OtherPart, Tag("other")],
-    _kind("input_text", {"input_text", "output_text", "input_image", "input_audio"}),
-]
+    | Annotated[Unserved, Tag("other")]
+)
+ContentPart = Annotated[_ContentParts, _kind("input_text", _ContentParts)]
 
 
 # Items of `input`.
@@ -135,20 +142,14 @@ class ReasoningIn(_Request):
     content: list[ReasoningTextIn] | None = None
 
 
-class OtherItem(_Request):
-    """An item type this service does not serve (`item_reference`, built-in tool calls): refused."""
-
-    type: str
-
-
-InputItem = Annotated[
+_InputItems = (
     Annotated[MessageIn, Tag("message")]
     | Annotated[FunctionCallInput, Tag("function_call")]
     | Annotated[FunctionCallOutputIn, Tag("function_call_output")]
     | Annotated[ReasoningIn, Tag("reasoning")]
-    | Annotated[OtherItem, Tag("other")],
-    _kind("message", {"message", "function_call", "function_call_output", "reasoning"}),
-]
+    | Annotated[Unserved, Tag("other")]
+)
+InputItem = Annotated[_InputItems, _kind("message", _InputItems)]
 
 
 # Tools.
@@ -162,16 +163,8 @@ class FunctionToolIn(_Request):
     strict: bool | None = None
 
 
-class OtherTool(_Request):
-    """A built-in tool (`web_search`, `file_search`, `mcp`, ...): refused."""
-
-    type: str
-
-
-Tool = Annotated[
-    Annotated[FunctionToolIn, Tag("function")] | Annotated[OtherTool, Tag("other")],
-    _kind("", {"function"}),
-]
+_Tools = Annotated[FunctionToolIn, Tag("function")] | Annotated[Unserved, Tag("other")]
+Tool = Annotated[_Tools, _kind("", _Tools)]  # Unserved: a built-in tool (`web_search`, `mcp`, ...)
 
 
 class FunctionToolChoiceIn(_Request):
@@ -179,16 +172,8 @@ class FunctionToolChoiceIn(_Request):
     name: str
 
 
-class OtherToolChoice(_Request):
-    """A choice of a built-in tool or of `allowed_tools`: refused."""
-
-    type: str
-
-
-ToolChoice = Annotated[
-    Annotated[FunctionToolChoiceIn, Tag("function")] | Annotated[OtherToolChoice, Tag("other")],
-    _kind("", {"function"}),
-]
+_ToolChoices = Annotated[FunctionToolChoiceIn, Tag("function")] | Annotated[Unserved, Tag("other")]
+ToolChoice = Annotated[_ToolChoices, _kind("", _ToolChoices)]  # Unserved: `allowed_tools`, ...
 
 
 class TextFormatIn(_Request):

@@ -47,10 +47,9 @@ from server.responses.output import OutputAssembler
 from server.responses.protocol import (
     FunctionToolChoiceIn,
     FunctionToolIn,
-    OtherTool,
-    OtherToolChoice,
     ResponseDeleted,
     ResponsesRequest,
+    Unserved,
 )
 from server.responses.store import ResponseStore, StoredResponse
 
@@ -72,12 +71,12 @@ def _refuse_unserved(request: ResponsesRequest) -> None:
         if asked:
             raise BadRequest(f"{name} is not supported by this server", param=name)
     for i, tool in enumerate(request.tools or []):
-        if isinstance(tool, OtherTool):
+        if isinstance(tool, Unserved):
             raise BadRequest(
                 f"tools[{i}].type {tool.type!r} is not supported; only function tools are",
                 param=f"tools[{i}].type",
             )
-    if isinstance(request.tool_choice, OtherToolChoice):
+    if isinstance(request.tool_choice, Unserved):
         raise BadRequest(
             f"tool_choice type {request.tool_choice.type!r} is not supported "
             "(none, auto, required or a function are)",
