@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -24,18 +25,23 @@ def server_process(
     port = free_port()
     flags = ["--state-dir", str(tmp_path / "state"), "--drain-timeout-seconds", "60"]
     flags += ["--engine-max-restarts", "1"]
-    process = subprocess.Popen(server_command(tiny.model_dir.parent, port, *flags))
-    try:
-        yield process, f"http://127.0.0.1:{port}"
-    finally:
-        kill_tree(process)
+    with (tmp_path / "server.log").open("wb") as log:
+        process = subprocess.Popen(server_command(tiny.model_dir.parent, port, *flags), stderr=log)
+        try:
+            yield process, f"http://127.0.0.1:{port}"
+        finally:
+            kill_tree(process)
 
 
 async def test_sigterm_lets_in_flight_requests_finish_then_stops_everything(
-    server_process: tuple[subprocess.Popen[bytes], str],
+    server_process: tuple[subprocess.Popen[bytes], str], tmp_path: Path
 ) -> None:
     process, base_url = server_process
     await wait_ready(base_url)
+    # Start-up's heap is frozen before readiness, as `vllm serve` does (no full collections of it).
+    log = (tmp_path / "server.log").read_text()
+    frozen = re.search(r"start-up heap frozen: (\d+) objects", log)
+    assert frozen is not None and int(frozen.group(1)) > 100_000
     children = psutil.Process(process.pid).children(recursive=True)
     assert children, "the engine runs in child processes"
     body = {
