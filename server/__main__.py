@@ -70,9 +70,10 @@ def bound_engine_memory(environ: MutableMapping[str, str]) -> None:
 def freeze_startup_heap() -> None:
     """Take what start-up left alive out of the cyclic collector's sight, as `vllm serve` does.
 
-    vLLM, torch and the tokeniser leave about 660k tracked objects; a full collection walks
-    them all (0.3-0.6 s on this 2-core machine, every stream stalled meanwhile), and the first
-    one came within seconds of the first requests (BENCHMARKS.md, the API process's CPU).
+    vLLM, torch and the tokeniser leave about 725k tracked objects; a full collection walks
+    them all (1.3 s on the loaded 2-core bench machine, every stream stalled meanwhile), and
+    unfrozen, the first one came within seconds of the first requests (BENCHMARKS.md, the API
+    process's CPU). Run before readiness, so no request waits for this one.
     """
     started = time.perf_counter()
     gc.collect()
