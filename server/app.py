@@ -267,7 +267,7 @@ def create_app(settings: Settings, engine: InferenceEngine | None = None) -> Fas
             try:
                 await _start_services(app, settings, engine)
                 if lifecycle.phase is Phase.STARTING:
-                    lifecycle.phase = Phase.READY
+                    lifecycle.ready()
                     logger.info("ready")
             except Exception as exc:
                 logger.exception("start-up failed")

@@ -22,10 +22,23 @@ class ServiceLifecycle:
         self.phase = Phase.STARTING
         self.failure: str | None = None
         self._on_failure: list[Callable[[str], None]] = []
+        self._on_ready: list[Callable[[], None]] = []
 
     def on_failure(self, listener: Callable[[str], None]) -> None:
         """Call `listener` once the service fails (the CLI exits, so orchestrators restart it)."""
         self._on_failure.append(listener)
+
+    def on_ready(self, listener: Callable[[], None]) -> None:
+        """Call `listener` once start-up is done, just before readiness turns true."""
+        self._on_ready.append(listener)
+
+    def ready(self) -> None:
+        """STARTING -> READY, unless a stop or a failure came first."""
+        if self.phase is not Phase.STARTING:
+            return
+        for listener in self._on_ready:
+            listener()
+        self.phase = Phase.READY
 
     def fail(self, reason: str) -> None:
         if self.phase is Phase.FAILED:

@@ -103,15 +103,19 @@ def server_command(tiny_cache: Path, port: int, *flags: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def server_process(tiny_cache: Path, *flags: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+def server_process(
+    tiny_cache: Path, *flags: str, log: Path | None = None
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """`server_command` started on a free port: the process and its base URL; killed (with its
-    engine processes) on leaving."""
+    engine processes) on leaving. With `log`, the server's stderr (its log) goes to that file."""
     port = free_port()
-    process = subprocess.Popen(server_command(tiny_cache, port, *flags))
-    try:
-        yield process, f"http://127.0.0.1:{port}"
-    finally:
-        kill_tree(process)
+    with contextlib.ExitStack() as files:
+        stderr = files.enter_context(log.open("wb")) if log is not None else None
+        process = subprocess.Popen(server_command(tiny_cache, port, *flags), stderr=stderr)
+        try:
+            yield process, f"http://127.0.0.1:{port}"
+        finally:
+            kill_tree(process)
 
 
 def kill_tree(process: subprocess.Popen[bytes]) -> None:

@@ -20,6 +20,7 @@ from openai.types.chat import ChatCompletionChunk
 
 from server.engine.protocol import Prompt, Sampling
 from server.engine.vllm_engine import VllmEngine
+from server.inference.protocol import CompletionChunk
 from server.testbed.default_model import DefaultModel
 from tests.conftest import engine_settings
 from tests.image_host import image_host
@@ -143,6 +144,19 @@ async def test_sync_client_stream_joins_to_the_same_text(api: LiveServer, model:
     assert finish == "length"
 
 
+async def raw_events_and_whole(
+    api: LiveServer, path: str, body: dict[str, object]
+) -> tuple[list[str], dict[str, Any]]:
+    """The raw `data:` payloads of a streamed request (before [DONE]), and its whole answer."""
+    async with httpx.AsyncClient(base_url=api.base_url, timeout=120) as http:
+        async with http.stream("POST", path, json=body) as response:
+            raw = (await response.aread()).decode()
+        whole = (await http.post(path, json={**body, "stream": False})).json()
+    events = raw.split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    return [event.removeprefix("data: ") for event in events[:-2]], whole
+
+
 @pytest.mark.parametrize("logprobs", [False, True])
 async def test_stream_events_are_the_openai_types_own_json(api: LiveServer, logprobs: bool) -> None:
     """Each raw event is byte for byte the `openai` chunk type's JSON of itself (the events are
@@ -156,15 +170,9 @@ async def test_stream_events_are_the_openai_types_own_json(api: LiveServer, logp
         "stream_options": {"include_usage": True},
         "logprobs": logprobs,
     }
-    async with httpx.AsyncClient(base_url=api.base_url, timeout=120) as http:
-        async with http.stream("POST", "/v1/chat/completions", json=body) as response:
-            raw = (await response.aread()).decode()
-        whole = (await http.post("/v1/chat/completions", json={**body, "stream": False})).json()
-    events = raw.split("\n\n")
-    assert events[-2:] == ["data: [DONE]", ""]
+    events, whole = await raw_events_and_whole(api, "/v1/chat/completions", body)
     texts = [""]
-    for event in events[:-2]:
-        data = event.removeprefix("data: ")
+    for data in events:
         chunk = ChatCompletionChunk.model_validate_json(data)
         assert chunk.model_dump_json(exclude_unset=True) == data
         for choice in chunk.choices:
@@ -174,7 +182,7 @@ async def test_stream_events_are_the_openai_types_own_json(api: LiveServer, logp
             elif choice.delta.content:
                 assert choice.logprobs is not None and choice.logprobs.content
     assert texts == [choice["message"]["content"] for choice in whole["choices"]]
-    assert len(events) > 4  # the role, several content chunks, usage, [DONE]
+    assert len(events) > 3  # the role, several content chunks, usage
     assert chunk.usage is not None and chunk.usage.completion_tokens == MAX_TOKENS
 
 
@@ -197,6 +205,35 @@ async def test_completions_stream_and_whole_agree(api: LiveServer) -> None:
     assert text == whole.choices[0].text
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 8
     assert whole.usage is not None and whole.usage.completion_tokens == 16
+
+
+@pytest.mark.parametrize("logprobs", [None, 2])
+async def test_completion_stream_events_are_the_openai_types_own_json(
+    api: LiveServer, logprobs: int | None
+) -> None:
+    """Each raw completion event is byte for byte the chunk type's JSON of itself (built from
+    per-request templates), for two prompts (greedy: vLLM refuses `n` > 1 then), and the texts
+    are the whole answer's."""
+    body: dict[str, object] = {
+        "model": "demo-mlp",
+        "prompt": ["Once upon a time", 'A "quoted" prompt'],
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "logprobs": logprobs,
+    }
+    events, whole = await raw_events_and_whole(api, "/v1/completions", body)
+    texts = [""] * 2
+    for data in events:
+        chunk = CompletionChunk.model_validate_json(data)
+        assert chunk.model_dump_json(exclude_unset=True) == data
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+            assert (choice.logprobs is None) == (logprobs is None)
+    assert texts == [choice["text"] for choice in whole["choices"]]
+    assert len(events) > 2 * 2  # several text chunks per completion, usage
+    assert chunk.usage is not None and chunk.usage.completion_tokens == 2 * MAX_TOKENS
 
 
 async def test_sampling_parameters_are_applied(api: LiveServer) -> None:

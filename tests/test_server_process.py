@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -21,15 +22,19 @@ from tests.live_server import server_process, wait_ready
 def server(tiny: DefaultModel, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     flags = ["--state-dir", str(tmp_path / "state"), "--drain-timeout-seconds", "60"]
     flags += ["--engine-max-restarts", "1"]
-    with server_process(tiny.model_dir.parent, *flags) as started:
+    with server_process(tiny.model_dir.parent, *flags, log=tmp_path / "server.log") as started:
         yield started
 
 
 async def test_sigterm_lets_in_flight_requests_finish_then_stops_everything(
-    server: tuple[subprocess.Popen[bytes], str],
+    server: tuple[subprocess.Popen[bytes], str], tmp_path: Path
 ) -> None:
     process, base_url = server
     await wait_ready(base_url)
+    # Start-up's heap is frozen before readiness, as `vllm serve` does (no full collections of it).
+    log = (tmp_path / "server.log").read_text()
+    frozen = re.search(r"start-up heap frozen: (\d+) objects", log)
+    assert frozen is not None and int(frozen.group(1)) > 100_000
     children = psutil.Process(process.pid).children(recursive=True)
     assert children, "the engine runs in child processes"
     body = {

@@ -32,7 +32,6 @@ from server.engine.protocol import (
     TokenLogprob,
 )
 from server.http.errors import BadRequest
-from server.inference.chat_chunks import ChatChunkEncoder
 from server.inference.chat_tools import (
     CompletionReader,
     ReadDelta,
@@ -50,6 +49,7 @@ from server.inference.generation import (
 from server.inference.prompt import ChatRenderer
 from server.inference.protocol import ChatCompletionRequest
 from server.inference.sse import DONE
+from server.inference.stream_chunks import ChatChunkEncoder
 from server.inference.tool_grammar import MARKER_TOKENS
 from server.metrics import ServiceMetrics
 

@@ -21,8 +21,9 @@ from server.inference.generation import (
     openai_finish_reason,
     sampling_from,
 )
-from server.inference.protocol import CompletionChunk, CompletionChunkChoice, CompletionRequest
-from server.inference.sse import DONE, sse_event
+from server.inference.protocol import CompletionRequest
+from server.inference.sse import DONE
+from server.inference.stream_chunks import CompletionChunkEncoder
 from server.metrics import ServiceMetrics
 
 
@@ -115,20 +116,8 @@ class CompletionService:
     async def _events(
         self, request: CompletionRequest, request_id: str, streams: list[AsyncIterator[Any]]
     ) -> AsyncIterator[str]:
-        created = int(time.time())
-
-        def event(choices: list[CompletionChunkChoice], **fields: Any) -> str:
-            return sse_event(
-                CompletionChunk(
-                    id=f"cmpl-{request_id}",
-                    object="text_completion",
-                    created=created,
-                    model=request.model,
-                    choices=choices,
-                    **fields,
-                )
-            )
-
+        encoder = CompletionChunkEncoder(f"cmpl-{request_id}", int(time.time()), request.model)
+        wants_logprobs = request.logprobs is not None
         prompt_tokens = completion_tokens = 0
         for i, stream in enumerate(streams):
             async for output in stream:
@@ -140,18 +129,18 @@ class CompletionService:
                     if not delta.text and delta.finish_reason is None:
                         continue
                     logprobs = None
-                    if request.logprobs is not None and delta.logprobs:
+                    if wants_logprobs and delta.logprobs:
                         logprobs = _legacy_logprobs(delta.logprobs)
                     choices.append(
-                        CompletionChunkChoice(
-                            index=i * request.n + delta.index,
-                            text=delta.text,
-                            finish_reason=openai_finish_reason(delta.finish_reason),
-                            logprobs=logprobs,
+                        encoder.text(
+                            i * request.n + delta.index,
+                            delta.text,
+                            openai_finish_reason(delta.finish_reason),
+                            logprobs,
                         )
                     )
                 if choices:
-                    yield event(choices)
+                    yield encoder.event(choices)
         if request.include_usage():
-            yield event([], usage=usage(prompt_tokens, completion_tokens))
+            yield encoder.usage_event(usage(prompt_tokens, completion_tokens))
         yield DONE

@@ -6,18 +6,11 @@ import json
 import logging
 from collections.abc import AsyncIterator
 
-from pydantic import BaseModel
-
 from server.http.errors import ServiceError, envelope, unexpected_error_body
 
 logger = logging.getLogger(__name__)
 
 DONE = "data: [DONE]\n\n"
-
-
-def sse_event(payload: BaseModel) -> str:
-    """One `data:` event holding the fields that were set (OpenAI's chunks omit the rest)."""
-    return f"data: {payload.model_dump_json(exclude_unset=True)}\n\n"
 
 
 async def with_error_event(events: AsyncIterator[str]) -> AsyncIterator[str]:

@@ -1,4 +1,5 @@
-"""Stream events built from per-request templates are byte for byte what pydantic writes."""
+"""Stream events built from per-request templates are byte for byte what pydantic writes
+(chat chunks and completion chunks)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import pytest
 from openai.types.chat import ChatCompletionChunk
 from openai.types.chat.chat_completion_chunk import Choice, ChoiceDelta, ChoiceLogprobs
 from openai.types.chat.chat_completion_token_logprob import ChatCompletionTokenLogprob
+from openai.types.completion_choice import Logprobs
 from openai.types.completion_usage import CompletionUsage
 
-from server.inference.chat_chunks import ChatChunkEncoder
+from server.inference.protocol import CompletionChunk, CompletionChunkChoice
+from server.inference.stream_chunks import ChatChunkEncoder, CompletionChunkEncoder
 
 # Text a detokeniser can produce: quotes, backslashes, every control character, non-ASCII,
 # astral characters, the JavaScript line separators and DEL.
@@ -27,7 +30,7 @@ TEXTS = [
 FINISH = [None, "stop", "length", "tool_calls"]
 
 
-def pydantic_event(chunk: ChatCompletionChunk) -> str:
+def pydantic_event(chunk: ChatCompletionChunk | CompletionChunk) -> str:
     """How the service built every event before (and still builds the rare ones)."""
     return f"data: {chunk.model_dump_json(exclude_unset=True)}\n\n"
 
@@ -114,3 +117,70 @@ def test_events_parse_as_the_official_client_reads_them() -> None:
         chunk = ChatCompletionChunk.model_validate_json(event.removeprefix("data: "))
         assert chunk.choices[0].delta.content == text
         assert chunk.choices[0].finish_reason == "stop"
+
+
+COMPLETION_FINISH = [None, "stop", "length"]
+LOGPROBS = Logprobs(
+    tokens=["Hi", ' "there"', "é"],
+    token_logprobs=[-0.25, -1.5e-07, -12.0],
+    top_logprobs=[{"Hi": -0.25, "Hello": -2.0}, {' "there"': -1.5e-07}, {"é": -12.0}],
+    text_offset=[0, 2, 10],
+)
+
+
+def completion_chunk(
+    choices: list[CompletionChunkChoice], model: str = "demo-mlp", **extra: object
+) -> CompletionChunk:
+    return CompletionChunk(
+        id="cmpl-abc123",
+        object="text_completion",
+        created=1_764_000_000,
+        model=model,
+        choices=choices,
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+@pytest.mark.parametrize("logprobs", [None, LOGPROBS])
+@pytest.mark.parametrize("finish_reason", COMPLETION_FINISH)
+@pytest.mark.parametrize("text", [*TEXTS, ""])
+def test_completion_events_match_pydantic(
+    text: str, finish_reason: str | None, logprobs: Logprobs | None
+) -> None:
+    encoder = CompletionChunkEncoder("cmpl-abc123", 1_764_000_000, "demo-mlp")
+    expected = completion_chunk(
+        [
+            CompletionChunkChoice(
+                index=3,
+                text=text,
+                finish_reason=finish_reason,  # type: ignore[arg-type]
+                logprobs=logprobs,
+            )
+        ]
+    )
+    built = encoder.event([encoder.text(3, text, finish_reason, logprobs)])
+    assert built == pydantic_event(expected)
+
+
+def test_completion_choices_names_and_usage_match_pydantic() -> None:
+    model = 'odd "model" name/é'
+    encoder = CompletionChunkEncoder("cmpl-abc123", 1_764_000_000, model)
+    choices = [
+        CompletionChunkChoice(index=i, text=t, finish_reason=None, logprobs=None)
+        for i, t in enumerate(TEXTS[:3])
+    ]
+    built = encoder.event([encoder.text(i, t, None, None) for i, t in enumerate(TEXTS[:3])])
+    assert built == pydantic_event(completion_chunk(choices, model))
+    tokens = CompletionUsage(prompt_tokens=5, completion_tokens=8, total_tokens=13)
+    expected = pydantic_event(completion_chunk([], model, usage=tokens))
+    assert encoder.usage_event(tokens) == expected
+
+
+def test_completion_events_parse_as_the_official_client_reads_them() -> None:
+    encoder = CompletionChunkEncoder("cmpl-abc123", 1_764_000_000, "demo-mlp")
+    for text in TEXTS:
+        event = encoder.event([encoder.text(0, text, "length", LOGPROBS)])
+        chunk = CompletionChunk.model_validate_json(event.removeprefix("data: "))
+        assert chunk.choices[0].text == text
+        assert chunk.choices[0].finish_reason == "length"
+        assert chunk.choices[0].logprobs == LOGPROBS
