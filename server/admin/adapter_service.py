@@ -38,6 +38,7 @@ from adapters.validation import (
     write_served_copy,
 )
 from server.admin.effect_probe import probe_effect
+from server.admin.load_phases import LoadPhases
 from server.engine.protocol import (
     AdapterRef,
     EngineDeadError,
@@ -220,20 +221,30 @@ class AdapterService:
 
     async def load(self, request: LoadRequest) -> AdapterRecord:
         """Validate, load into the engine, then switch the name to the new version at once."""
-        started = time.perf_counter()
+        phases = LoadPhases()
         try:
-            record, replaced = await self._load(request)
+            record, replaced = await self._load(request, phases)
         except Exception as exc:
             reason = _FAILURE_REASONS.get(type(exc), "error")
             self._metrics.adapter_load_failures.labels(reason).inc()
+            logger.info("adapter %s load refused after %s", request.name, phases.summary())
             raise
         self._metrics.adapter_loads.inc()
         if replaced:
             self._metrics.adapter_replaces.inc()
-        self._metrics.adapter_load_seconds.observe(time.perf_counter() - started)
+        self._metrics.adapter_load_seconds.observe(time.perf_counter() - phases.started)
+        for name, seconds in phases.seconds.items():
+            self._metrics.adapter_load_phase_seconds.labels(name).observe(seconds)
+        logger.info(
+            "adapter %s v%d loaded (id %d), %s",
+            record.name,
+            record.version,
+            record.int_id,
+            phases.summary(),
+        )
         return record
 
-    async def _load(self, request: LoadRequest) -> tuple[AdapterRecord, bool]:
+    async def _load(self, request: LoadRequest, phases: LoadPhases) -> tuple[AdapterRecord, bool]:
         check_name(request.name, self.base_model_name)
         async with self.registry.locked(request.name):
             previous = self.registry.find(request.name)
@@ -252,10 +263,12 @@ class AdapterService:
                     allow_base_mismatch=request.allow_base_mismatch,
                     drop_tower_weights=request.drop_tower_weights,
                     version=previous.version + 1 if previous else 1,
+                    phases=phases,
                 )
                 if self.publisher is not None:
                     try:  # the store names it only once this replica's engine accepted it
-                        await self.publisher.publish(request, folder, record, token)
+                        with phases.phase("publish"):
+                            await self.publisher.publish(request, folder, record, token)
                     except BaseException:
                         await self._discard(record, folder)
                         raise
@@ -267,10 +280,10 @@ class AdapterService:
                 # Served from a copy without its tower part: the full upload is not needed.
                 await asyncio.to_thread(shutil.rmtree, folder, True)
             self.registry.put(record)
-            await self._persist()
+            with phases.phase("persist"):
+                await self._persist()
             if previous is not None:
                 self._retire(previous)
-            logger.info("adapter %s v%d loaded (id %d)", record.name, record.version, record.int_id)
             return record, previous is not None
 
     async def unload(self, name: str) -> AdapterRecord:
@@ -476,7 +489,9 @@ class AdapterService:
         drop_tower_weights: bool = False,
         version: int = 1,
         probe: bool = True,
+        phases: LoadPhases | None = None,
     ) -> AdapterRecord:
+        phases = phases or LoadPhases()
         record, manifest = await self._validated_record(
             name,
             folder,
@@ -486,10 +501,11 @@ class AdapterService:
             version=version,
             allow_base_mismatch=allow_base_mismatch,
             drop_tower_weights=drop_tower_weights,
+            phases=phases,
         )
         served = Path(record.path)
         try:
-            await self._add_to_engine(record, manifest, probe=probe)
+            await self._add_to_engine(record, manifest, phases, probe=probe)
         except BaseException:
             if served != folder:
                 await asyncio.to_thread(shutil.rmtree, served, True)
@@ -507,25 +523,30 @@ class AdapterService:
         version: int,
         allow_base_mismatch: bool = False,
         drop_tower_weights: bool = False,
+        phases: LoadPhases | None = None,
     ) -> tuple[AdapterRecord, AdapterManifest]:
         """Validate `folder`; the record to serve it as (a copy without a dropped tower part)."""
-        manifest = await asyncio.to_thread(
-            validate_adapter,
-            folder,
-            self._base,
-            self._limits,
-            allow_base_mismatch=allow_base_mismatch,
-            drop_tower_weights=drop_tower_weights,
-        )
+        phases = phases or LoadPhases()
+        with phases.phase("validate"):
+            manifest = await asyncio.to_thread(
+                validate_adapter,
+                folder,
+                self._base,
+                self._limits,
+                allow_base_mismatch=allow_base_mismatch,
+                drop_tower_weights=drop_tower_weights,
+            )
         served = folder
         served_sha256 = None
         if manifest.drops:
             # The engine gets a copy without the tower part; the original is never changed.
             served = self._sources.served_dir.resolve() / f"{name}-{int_id}"
-            await asyncio.to_thread(write_served_copy, folder, manifest, served)
-            served_sha256 = await asyncio.to_thread(sha256_file, served / SAFETENSORS_FILE)
+            with phases.phase("copy"):
+                await asyncio.to_thread(write_served_copy, folder, manifest, served)
+                served_sha256 = await asyncio.to_thread(sha256_file, served / SAFETENSORS_FILE)
         # Taken after validation: a change while it ran shows as a mismatch at first use.
-        fingerprint = await asyncio.to_thread(folder_fingerprint, served)
+        with phases.phase("fingerprint"):
+            fingerprint = await asyncio.to_thread(folder_fingerprint, served)
         record = AdapterRecord(
             name=name,
             source=source,
@@ -544,19 +565,27 @@ class AdapterService:
         return record, manifest
 
     async def _add_to_engine(
-        self, record: AdapterRecord, manifest: AdapterManifest, *, probe: bool = True
+        self,
+        record: AdapterRecord,
+        manifest: AdapterManifest,
+        phases: LoadPhases,
+        *,
+        probe: bool = True,
     ) -> None:
         """Load into the engine, pin, probe; on any refusal leave nothing in the engine."""
         try:
-            await self._engine.add_adapter(adapter_ref(record))
+            with phases.phase("engine_add"):
+                await self._engine.add_adapter(adapter_ref(record))
             self._host_cache.touch(record.int_id)
             if record.pinned:
-                if not await self._engine.pin_adapter(record.int_id):
-                    raise EngineError("the engine could not pin the adapter")
+                with phases.phase("pin"):
+                    if not await self._engine.pin_adapter(record.int_id):
+                        raise EngineError("the engine could not pin the adapter")
                 self._host_cache.pin(record.int_id)
             # A text probe cannot see a tower part; an adapter serving one is not probed.
             if probe and self._probe and not manifest.serves_towers:
-                await self._check_effect(record)
+                with phases.phase("probe"):
+                    await self._check_effect(record)
         except EngineDeadError as exc:  # the supervisor restarts it; the client may retry
             self._host_cache.drop(record.int_id)
             raise ServiceUnavailable(str(exc)) from exc
