@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import shutil
 import time
@@ -177,6 +178,10 @@ class AdapterService:
         self._probe = probe
         self._in_flight: Counter[int] = Counter()
         self._persist_lock = asyncio.Lock()
+        # New names being loaded, written to the registry file ahead of the name switch (while
+        # the engine loads and probes them) and withdrawn from it if the engine refuses them.
+        self._saved_ahead: dict[str, AdapterRecord] = {}
+        self._follow_ups: set[asyncio.Task[None]] = set()
         self._retiring: set[asyncio.Task[None]] = set()
         self._first_use: dict[int, asyncio.Lock] = {}
         self._background: asyncio.Task[None] | None = None
@@ -254,8 +259,12 @@ class AdapterService:
                 )
             token = await self.publisher.before_load(request) if self.publisher else None
             folder, source = await self._folder_of(request)
+            # A new name is saved while the engine loads it. Not a replace: until the new
+            # version has passed, the file keeps the old one (a crash keeps serving it). Not
+            # with a shared store: its version is known, and saved, only after publishing.
+            save_ahead = previous is None and self.publisher is None
             try:
-                record = await self._load_folder(
+                record, saving = await self._load_folder(
                     request.name,
                     folder,
                     source,
@@ -264,6 +273,7 @@ class AdapterService:
                     drop_tower_weights=request.drop_tower_weights,
                     version=previous.version + 1 if previous else 1,
                     phases=phases,
+                    save_ahead=save_ahead,
                 )
                 if self.publisher is not None:
                     try:  # the store names it only once this replica's engine accepted it
@@ -276,12 +286,18 @@ class AdapterService:
                 if request.upload is not None:
                     shutil.rmtree(folder, ignore_errors=True)
                 raise
+            self.registry.put(record)
+            saved = self._saved_ahead.pop(record.name, None)
             if request.upload is not None and Path(record.path) != folder:
                 # Served from a copy without its tower part: the full upload is not needed.
                 await asyncio.to_thread(shutil.rmtree, folder, True)
-            self.registry.put(record)
-            with phases.phase("persist"):
-                await self._persist()
+            if saving is None:
+                with phases.phase("persist"):
+                    await self._persist()
+            else:
+                await saving  # the file names the adapter before the client hears of it
+                if saved is not None and saved.probed != record.probed:
+                    self._persist_later()  # the probe passed since the save: say so
             if previous is not None:
                 self._retire(previous)
             return record, previous is not None
@@ -312,7 +328,7 @@ class AdapterService:
                 and previous.pinned == options.pin
             ):
                 return previous
-            record = await self._load_folder(
+            record, _ = await self._load_folder(
                 name,
                 folder,
                 source,
@@ -458,6 +474,7 @@ class AdapterService:
             self._background.cancel()
         for task in self._retiring:
             task.cancel()
+        await asyncio.gather(*self._follow_ups)  # a few ms each
 
     # Internals
 
@@ -490,7 +507,14 @@ class AdapterService:
         version: int = 1,
         probe: bool = True,
         phases: LoadPhases | None = None,
-    ) -> AdapterRecord:
+        save_ahead: bool = False,
+    ) -> tuple[AdapterRecord, asyncio.Task[None] | None]:
+        """Validate, load into the engine, probe; the record, and the save under way if any.
+
+        With `save_ahead`, the registry file is written with the record while the engine loads
+        and probes it (the probe still due, as far as the file knows), and rewritten without it
+        if the engine refuses it; the caller awaits the returned save before answering.
+        """
         phases = phases or LoadPhases()
         record, manifest = await self._validated_record(
             name,
@@ -504,13 +528,26 @@ class AdapterService:
             phases=phases,
         )
         served = Path(record.path)
+        saving = None
+        if save_ahead:
+            probed = not (probe and self._probe and not manifest.serves_towers)
+            self._saved_ahead[name] = dataclasses.replace(record, probed=probed)
+            saving = asyncio.create_task(self._timed_persist(phases))
         try:
             await self._add_to_engine(record, manifest, phases, probe=probe)
         except BaseException:
+            if saving is not None:
+                del self._saved_ahead[name]
+                with contextlib.suppress(Exception):  # rewritten now in any case
+                    await saving
+                try:
+                    await self._persist()
+                except Exception:  # the refusal is what the client must hear
+                    logger.exception("registry file still names refused adapter %s", name)
             if served != folder:
                 await asyncio.to_thread(shutil.rmtree, served, True)
             raise
-        return record
+        return record, saving
 
     async def _validated_record(
         self,
@@ -748,7 +785,26 @@ class AdapterService:
         self._metrics.adapters_registered.set(len(self.registry))
         async with self._persist_lock:
             records = list(self.registry)
+            if self._saved_ahead:  # new names still loading (never a registered name)
+                records = sorted([*records, *self._saved_ahead.values()], key=lambda r: r.name)
             await asyncio.to_thread(self._store.save, records, self.registry.next_id)
+
+    async def _timed_persist(self, phases: LoadPhases) -> None:
+        with phases.phase("persist"):
+            await self._persist()
+
+    def _persist_later(self) -> None:
+        """Save in the background: for what a crash may lose at no risk (a probe passed)."""
+
+        async def persist() -> None:
+            try:
+                await self._persist()
+            except Exception:  # the next change saves it again
+                logger.exception("saving the adapter registry failed")
+
+        task = asyncio.create_task(persist())
+        self._follow_ups.add(task)
+        task.add_done_callback(self._follow_ups.discard)
 
     def _retire(self, record: AdapterRecord) -> None:
         task = asyncio.create_task(self._remove_when_idle(record))
