@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 
-
 RANKS = """
 import torch
 from server.vllm_compat import register
