@@ -26,6 +26,7 @@ OTHER = "other"
 LORA_REQUESTS_INFO = "vllm:lora_requests_info"
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+PHASE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30)
 
 
 class ServiceMetrics:
@@ -84,6 +85,13 @@ class ServiceMetrics:
             "gemma_server_adapter_load_seconds",
             "Load request to adapter ready",
             buckets=LOAD_BUCKETS,
+            registry=r,
+        )
+        self.adapter_load_phase_seconds = Histogram(
+            "gemma_server_adapter_load_phase_seconds",
+            "Time of each phase of an adapter load (the admin API's loads)",
+            ["phase"],
+            buckets=PHASE_BUCKETS,
             registry=r,
         )
         self.adapters_registered = Gauge(

@@ -136,6 +136,9 @@ async def test_metrics_count_exactly(
     assert value(m, "gemma_server_adapter_load_failures_total", reason="exists") == 1
     assert value(m, "gemma_server_adapter_load_failures_total", reason="invalid") == 1
     assert value(m, "gemma_server_adapter_load_seconds_count") == 2
+    for phase in ("validate", "fingerprint", "engine_add", "probe", "persist"):
+        assert value(m, "gemma_server_adapter_load_phase_seconds_count", phase=phase) == 2
+    assert value(m, "gemma_server_adapter_load_phase_seconds_count", phase="pin") == 0
     assert value(m, "gemma_server_adapters_registered") == len(tiny.adapter_dirs())  # the demos
     # Registered adapters are loaded at their first request: demo-attn's and demo-mlp's first.
     assert value(m, "gemma_server_adapter_on_demand_loads_total") == 2

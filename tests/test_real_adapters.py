@@ -236,8 +236,12 @@ async def test_trained_tower_part_needs_a_drop_which_is_persisted(
         assert await _greedy(again, "all-linear") == served
 
 
+def _saved_names(state_dir: Path) -> set[str]:
+    return {e["name"] for e in json.loads((state_dir / "registry.json").read_text())["adapters"]}
+
+
 async def test_probe_refuses_an_adapter_that_changes_nothing(
-    server: LiveServer, engine: VllmEngine
+    server: LiveServer, engine: VllmEngine, state_dir: Path
 ) -> None:
     before = await engine.list_adapters()
     response = await _vllm_load(server, "no-effect")
@@ -248,6 +252,8 @@ async def test_probe_refuses_an_adapter_that_changes_nothing(
         assert (await client.get("/v1/adapters/no-effect")).status_code == 404
         models = (await client.get("/v1/models")).json()["data"]
     assert "no-effect" not in {m["id"] for m in models}
+    # Saved while the probe ran, withdrawn when it refused: a restart does not bring it back.
+    assert "no-effect" not in _saved_names(state_dir)
 
 
 async def test_probe_passes_a_small_effect_and_can_be_switched_off(
@@ -255,9 +261,11 @@ async def test_probe_passes_a_small_effect_and_can_be_switched_off(
     engine: VllmEngine,
     tiny: DefaultModel,
     root: Path,
+    state_dir: Path,
     tmp_path: Path,
 ) -> None:
     assert (await _vllm_load(server, "small-effect")).status_code == 200
+    assert "small-effect" in _saved_names(state_dir)  # saved before the answer
     settings = _settings(tiny, root, tmp_path / "state", adapter_probe=False)
     async with live_server(settings, engine, first_adapter_id=61_000) as unprobed:
         response = await _vllm_load(unprobed, "no-effect")

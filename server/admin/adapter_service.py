@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import shutil
 import time
@@ -38,6 +39,7 @@ from adapters.validation import (
     write_served_copy,
 )
 from server.admin.effect_probe import probe_effect
+from server.admin.load_phases import LoadPhases
 from server.engine.protocol import (
     AdapterRef,
     EngineDeadError,
@@ -176,6 +178,10 @@ class AdapterService:
         self._probe = probe
         self._in_flight: Counter[int] = Counter()
         self._persist_lock = asyncio.Lock()
+        # New names being loaded, written to the registry file ahead of the name switch (while
+        # the engine loads and probes them) and withdrawn from it if the engine refuses them.
+        self._saved_ahead: dict[str, AdapterRecord] = {}
+        self._follow_ups: set[asyncio.Task[None]] = set()
         self._retiring: set[asyncio.Task[None]] = set()
         self._first_use: dict[int, asyncio.Lock] = {}
         self._background: asyncio.Task[None] | None = None
@@ -220,20 +226,30 @@ class AdapterService:
 
     async def load(self, request: LoadRequest) -> AdapterRecord:
         """Validate, load into the engine, then switch the name to the new version at once."""
-        started = time.perf_counter()
+        phases = LoadPhases()
         try:
-            record, replaced = await self._load(request)
+            record, replaced = await self._load(request, phases)
         except Exception as exc:
             reason = _FAILURE_REASONS.get(type(exc), "error")
             self._metrics.adapter_load_failures.labels(reason).inc()
+            logger.info("adapter %s load refused after %s", request.name, phases.summary())
             raise
         self._metrics.adapter_loads.inc()
         if replaced:
             self._metrics.adapter_replaces.inc()
-        self._metrics.adapter_load_seconds.observe(time.perf_counter() - started)
+        self._metrics.adapter_load_seconds.observe(time.perf_counter() - phases.started)
+        for name, seconds in phases.seconds.items():
+            self._metrics.adapter_load_phase_seconds.labels(name).observe(seconds)
+        logger.info(
+            "adapter %s v%d loaded (id %d), %s",
+            record.name,
+            record.version,
+            record.int_id,
+            phases.summary(),
+        )
         return record
 
-    async def _load(self, request: LoadRequest) -> tuple[AdapterRecord, bool]:
+    async def _load(self, request: LoadRequest, phases: LoadPhases) -> tuple[AdapterRecord, bool]:
         check_name(request.name, self.base_model_name)
         async with self.registry.locked(request.name):
             previous = self.registry.find(request.name)
@@ -243,8 +259,12 @@ class AdapterService:
                 )
             token = await self.publisher.before_load(request) if self.publisher else None
             folder, source = await self._folder_of(request)
+            # A new name is saved while the engine loads it. Not a replace: until the new
+            # version has passed, the file keeps the old one (a crash keeps serving it). Not
+            # with a shared store: its version is known, and saved, only after publishing.
+            save_ahead = previous is None and self.publisher is None
             try:
-                record = await self._load_folder(
+                record, saving = await self._load_folder(
                     request.name,
                     folder,
                     source,
@@ -252,10 +272,13 @@ class AdapterService:
                     allow_base_mismatch=request.allow_base_mismatch,
                     drop_tower_weights=request.drop_tower_weights,
                     version=previous.version + 1 if previous else 1,
+                    phases=phases,
+                    save_ahead=save_ahead,
                 )
                 if self.publisher is not None:
                     try:  # the store names it only once this replica's engine accepted it
-                        await self.publisher.publish(request, folder, record, token)
+                        with phases.phase("publish"):
+                            await self.publisher.publish(request, folder, record, token)
                     except BaseException:
                         await self._discard(record, folder)
                         raise
@@ -263,14 +286,20 @@ class AdapterService:
                 if request.upload is not None:
                     shutil.rmtree(folder, ignore_errors=True)
                 raise
+            self.registry.put(record)
+            saved = self._saved_ahead.pop(record.name, None)
             if request.upload is not None and Path(record.path) != folder:
                 # Served from a copy without its tower part: the full upload is not needed.
                 await asyncio.to_thread(shutil.rmtree, folder, True)
-            self.registry.put(record)
-            await self._persist()
+            if saving is None:
+                with phases.phase("persist"):
+                    await self._persist()
+            else:
+                await saving  # the file names the adapter before the client hears of it
+                if saved is not None and saved.probed != record.probed:
+                    self._persist_later()  # the probe passed since the save: say so
             if previous is not None:
                 self._retire(previous)
-            logger.info("adapter %s v%d loaded (id %d)", record.name, record.version, record.int_id)
             return record, previous is not None
 
     async def unload(self, name: str) -> AdapterRecord:
@@ -299,7 +328,7 @@ class AdapterService:
                 and previous.pinned == options.pin
             ):
                 return previous
-            record = await self._load_folder(
+            record, _ = await self._load_folder(
                 name,
                 folder,
                 source,
@@ -445,6 +474,7 @@ class AdapterService:
             self._background.cancel()
         for task in self._retiring:
             task.cancel()
+        await asyncio.gather(*self._follow_ups)  # a few ms each
 
     # Internals
 
@@ -476,7 +506,16 @@ class AdapterService:
         drop_tower_weights: bool = False,
         version: int = 1,
         probe: bool = True,
-    ) -> AdapterRecord:
+        phases: LoadPhases | None = None,
+        save_ahead: bool = False,
+    ) -> tuple[AdapterRecord, asyncio.Task[None] | None]:
+        """Validate, load into the engine, probe; the record, and the save under way if any.
+
+        With `save_ahead`, the registry file is written with the record while the engine loads
+        and probes it (the probe still due, as far as the file knows), and rewritten without it
+        if the engine refuses it; the caller awaits the returned save before answering.
+        """
+        phases = phases or LoadPhases()
         record, manifest = await self._validated_record(
             name,
             folder,
@@ -486,15 +525,29 @@ class AdapterService:
             version=version,
             allow_base_mismatch=allow_base_mismatch,
             drop_tower_weights=drop_tower_weights,
+            phases=phases,
         )
         served = Path(record.path)
+        saving = None
+        if save_ahead:
+            probed = not (probe and self._probe and not manifest.serves_towers)
+            self._saved_ahead[name] = dataclasses.replace(record, probed=probed)
+            saving = asyncio.create_task(self._timed_persist(phases))
         try:
-            await self._add_to_engine(record, manifest, probe=probe)
+            await self._add_to_engine(record, manifest, phases, probe=probe)
         except BaseException:
+            if saving is not None:
+                del self._saved_ahead[name]
+                with contextlib.suppress(Exception):  # rewritten now in any case
+                    await saving
+                try:
+                    await self._persist()
+                except Exception:  # the refusal is what the client must hear
+                    logger.exception("registry file still names refused adapter %s", name)
             if served != folder:
                 await asyncio.to_thread(shutil.rmtree, served, True)
             raise
-        return record
+        return record, saving
 
     async def _validated_record(
         self,
@@ -507,25 +560,30 @@ class AdapterService:
         version: int,
         allow_base_mismatch: bool = False,
         drop_tower_weights: bool = False,
+        phases: LoadPhases | None = None,
     ) -> tuple[AdapterRecord, AdapterManifest]:
         """Validate `folder`; the record to serve it as (a copy without a dropped tower part)."""
-        manifest = await asyncio.to_thread(
-            validate_adapter,
-            folder,
-            self._base,
-            self._limits,
-            allow_base_mismatch=allow_base_mismatch,
-            drop_tower_weights=drop_tower_weights,
-        )
+        phases = phases or LoadPhases()
+        with phases.phase("validate"):
+            manifest = await asyncio.to_thread(
+                validate_adapter,
+                folder,
+                self._base,
+                self._limits,
+                allow_base_mismatch=allow_base_mismatch,
+                drop_tower_weights=drop_tower_weights,
+            )
         served = folder
         served_sha256 = None
         if manifest.drops:
             # The engine gets a copy without the tower part; the original is never changed.
             served = self._sources.served_dir.resolve() / f"{name}-{int_id}"
-            await asyncio.to_thread(write_served_copy, folder, manifest, served)
-            served_sha256 = await asyncio.to_thread(sha256_file, served / SAFETENSORS_FILE)
+            with phases.phase("copy"):
+                await asyncio.to_thread(write_served_copy, folder, manifest, served)
+                served_sha256 = await asyncio.to_thread(sha256_file, served / SAFETENSORS_FILE)
         # Taken after validation: a change while it ran shows as a mismatch at first use.
-        fingerprint = await asyncio.to_thread(folder_fingerprint, served)
+        with phases.phase("fingerprint"):
+            fingerprint = await asyncio.to_thread(folder_fingerprint, served)
         record = AdapterRecord(
             name=name,
             source=source,
@@ -544,19 +602,27 @@ class AdapterService:
         return record, manifest
 
     async def _add_to_engine(
-        self, record: AdapterRecord, manifest: AdapterManifest, *, probe: bool = True
+        self,
+        record: AdapterRecord,
+        manifest: AdapterManifest,
+        phases: LoadPhases,
+        *,
+        probe: bool = True,
     ) -> None:
         """Load into the engine, pin, probe; on any refusal leave nothing in the engine."""
         try:
-            await self._engine.add_adapter(adapter_ref(record))
+            with phases.phase("engine_add"):
+                await self._engine.add_adapter(adapter_ref(record))
             self._host_cache.touch(record.int_id)
             if record.pinned:
-                if not await self._engine.pin_adapter(record.int_id):
-                    raise EngineError("the engine could not pin the adapter")
+                with phases.phase("pin"):
+                    if not await self._engine.pin_adapter(record.int_id):
+                        raise EngineError("the engine could not pin the adapter")
                 self._host_cache.pin(record.int_id)
             # A text probe cannot see a tower part; an adapter serving one is not probed.
             if probe and self._probe and not manifest.serves_towers:
-                await self._check_effect(record)
+                with phases.phase("probe"):
+                    await self._check_effect(record)
         except EngineDeadError as exc:  # the supervisor restarts it; the client may retry
             self._host_cache.drop(record.int_id)
             raise ServiceUnavailable(str(exc)) from exc
@@ -719,7 +785,26 @@ class AdapterService:
         self._metrics.adapters_registered.set(len(self.registry))
         async with self._persist_lock:
             records = list(self.registry)
+            if self._saved_ahead:  # new names still loading (never a registered name)
+                records = sorted([*records, *self._saved_ahead.values()], key=lambda r: r.name)
             await asyncio.to_thread(self._store.save, records, self.registry.next_id)
+
+    async def _timed_persist(self, phases: LoadPhases) -> None:
+        with phases.phase("persist"):
+            await self._persist()
+
+    def _persist_later(self) -> None:
+        """Save in the background: for what a crash may lose at no risk (a probe passed)."""
+
+        async def persist() -> None:
+            try:
+                await self._persist()
+            except Exception:  # the next change saves it again
+                logger.exception("saving the adapter registry failed")
+
+        task = asyncio.create_task(persist())
+        self._follow_ups.add(task)
+        task.add_done_callback(self._follow_ups.discard)
 
     def _retire(self, record: AdapterRecord) -> None:
         task = asyncio.create_task(self._remove_when_idle(record))

@@ -118,7 +118,8 @@ async def load_adapter(request: Request, services: ServicesDep) -> JSONResponse:
     """Load an adapter (201), or a new version of one with `replace` (200)."""
     load = await _load_request(request)
     record = await services.adapters.load(load)
-    public = await _public(services.adapters, record.name)
+    # Just loaded into the engine: resident, without asking the engine (a round trip per load).
+    public = AdapterPublic.of(record, resident=True)
     # A new version (here or, with a shared store, through any replica) counts from 2.
     return JSONResponse(public.model_dump(), status_code=200 if record.version > 1 else 201)
 
@@ -188,7 +189,7 @@ async def vllm_load_lora_adapter(body: VllmLoadLoraAdapter, services: ServicesDe
             drop_tower_weights=body.drop_tower_weights,
         )
     )
-    return await _public(services.adapters, record.name)
+    return AdapterPublic.of(record, resident=True)  # just loaded into the engine
 
 
 @router.post("/unload_lora_adapter", responses={**BODY, **errors(404)})
