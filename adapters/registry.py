@@ -73,7 +73,10 @@ class AdapterRegistry:
         self._next_id = next_id
         self._locks: dict[str, asyncio.Lock] = {}
         self._sorted: list[AdapterRecord] | None = None  # by name; rebuilt after a change
-        self.revision = 0  # counts changes, so readers can cache what they derive
+        self.revision = 0  # counts changes of names or records, so readers can cache
+        # Counts those and changes inside records too (use counts, validation), for readers
+        # that show a record's fields (the admin list).
+        self.detail_revision = 0
 
     def __len__(self) -> int:
         return len(self._records)
@@ -90,6 +93,11 @@ class AdapterRegistry:
     def _changed(self) -> None:
         self._sorted = None
         self.revision += 1
+        self.detail_revision += 1
+
+    def record_changed(self) -> None:
+        """A registered record's fields were changed in place (not its name or engine id)."""
+        self.detail_revision += 1
 
     def __contains__(self, name: object) -> bool:
         return name in self._records
@@ -138,6 +146,7 @@ class AdapterRegistry:
         if record is not None:
             record.last_used = time.time()
             record.request_count += 1
+            self.detail_revision += 1
 
     @asynccontextmanager
     async def locked(self, name: str) -> Any:

@@ -142,6 +142,8 @@ async def test_lazy_restore_restart_and_broken_files(
 
     # Restart on the same state: restored from the registry file, nothing validated again.
     validations = counting(monkeypatch)
+    registry_file = settings.state_dir / "registry.json"
+    saved = registry_file.stat()
     async with serving(settings) as (server, core):
         adapters = server.app.state.services.adapters
         eager_id = adapters.registry.get("eager-p00").int_id
@@ -152,6 +154,9 @@ async def test_lazy_restore_restart_and_broken_files(
             assert await registered(admin) == before  # same ids, sha256s and pins
         assert await answers(server, probe) == first
         assert validations == []
+        # Nothing changed, so nothing was written: not by the restore, not by the preload scan.
+        now = registry_file.stat()
+        assert (now.st_ino, now.st_mtime_ns) == (saved.st_ino, saved.st_mtime_ns)
 
         # Files that vanished or changed after start-up: a clear 503 for their requests.
         (preload / "p10" / WEIGHTS).unlink()

@@ -329,8 +329,8 @@ class AdapterService:
         logger.info("adapter %s unloaded here: gone from the store", name)
 
     async def resident_ids(self) -> set[int]:
-        """Ids of the adapter versions the engine holds in memory now."""
-        return await self._engine.list_adapters()
+        """Ids of the adapter versions the engine holds in memory (its residency, cached)."""
+        return {entry.int_id for entry in await self._engine.adapter_residency()}
 
     def served_residency(self, resident: list[ResidentAdapter]) -> list[tuple[str, str, bool]]:
         """(served name, level, pinned) of the resident adapters clients can name now.
@@ -371,11 +371,13 @@ class AdapterService:
         fingerprints = await asyncio.to_thread(
             lambda: [folder_fingerprint(Path(record.path)) for record in records]
         )
+        dropped = False
         for record, fingerprint in zip(records, fingerprints, strict=True):
             if fingerprint is None:
                 logger.error("registered adapter %s dropped: its files are gone", record.name)
                 if self.registry.find(record.name) is record:
                     self.registry.remove(record.name)
+                dropped = True
                 continue
             self.registry.put(record)
             if record.pinned:
@@ -389,7 +391,12 @@ class AdapterService:
                 except (AdapterError, EngineError, ServiceUnavailable) as exc:
                     # Kept registered: a request for it gets the reason, the rest serves.
                     logger.error("pinned adapter %s could not be loaded: %s", record.name, exc)
-        await self._persist()
+        # The file is rewritten only if this dropped an adapter: a restart that changes
+        # nothing writes nothing (loading a pinned adapter saves what it changes itself).
+        if dropped:
+            await self._persist()
+        else:
+            self._metrics.adapters_registered.set(len(self.registry))
         logger.info(
             "restored %d registered adapters (%d pinned loaded, %d to check at first use)",
             len(self.registry),
@@ -418,7 +425,8 @@ class AdapterService:
                     added += 1
             except AdapterError as exc:
                 logger.error("adapter %s in the preload folder skipped: %s", name, exc.message)
-        await self._persist()
+        if added:  # one write for all of them; none when every folder was registered already
+            await self._persist()
         logger.info(
             "preload: %d new of %d folders registered in %.3f s",
             added,
@@ -717,6 +725,8 @@ class AdapterService:
         # One writer at a time, each with a snapshot taken under the lock: never an older
         # snapshot over a newer one.
         self._metrics.adapters_registered.set(len(self.registry))
+        # Every change of a record's fields is saved here, so listings learn of it here too.
+        self.registry.record_changed()
         async with self._persist_lock:
             records = list(self.registry)
             await asyncio.to_thread(self._store.save, records, self.registry.next_id)
