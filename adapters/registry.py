@@ -7,7 +7,7 @@ import re
 import time
 from collections.abc import Iterator
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from adapters.errors import AdapterNotFound, InvalidAdapter
@@ -45,7 +45,9 @@ class AdapterRecord:
     store_version: str | None = None  # the shared store's version digest; None: local only
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        # A shallow copy (lists are replaced, never changed in place): `asdict` deep-copies
+        # each field: 44 ms against 1 ms for 1000 records, at every registry save.
+        return dict(vars(self))
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> AdapterRecord:
@@ -73,7 +75,10 @@ class AdapterRegistry:
         self._next_id = next_id
         self._locks: dict[str, asyncio.Lock] = {}
         self._sorted: list[AdapterRecord] | None = None  # by name; rebuilt after a change
-        self.revision = 0  # counts changes, so readers can cache what they derive
+        self.revision = 0  # counts changes of names or records, so readers can cache
+        # Counts those and changes inside records too (use counts, validation), for readers
+        # that show a record's fields (the admin list).
+        self.detail_revision = 0
 
     def __len__(self) -> int:
         return len(self._records)
@@ -90,6 +95,11 @@ class AdapterRegistry:
     def _changed(self) -> None:
         self._sorted = None
         self.revision += 1
+        self.detail_revision += 1
+
+    def record_changed(self) -> None:
+        """A registered record's fields were changed in place (not its name or engine id)."""
+        self.detail_revision += 1
 
     def __contains__(self, name: object) -> bool:
         return name in self._records
@@ -138,6 +148,7 @@ class AdapterRegistry:
         if record is not None:
             record.last_used = time.time()
             record.request_count += 1
+            self.detail_revision += 1
 
     @asynccontextmanager
     async def locked(self, name: str) -> Any:

@@ -304,6 +304,7 @@ def create_app(settings: Settings, engine: InferenceEngine | None = None) -> Fas
     app.state.services = None
     app.state.metrics = ServiceMetrics(settings.metrics_max_adapter_labels)
     app.state.model_list = models_router.ModelListCache()
+    app.state.adapter_list = admin_router.AdapterListCache()
     app.add_middleware(
         RequestContextMiddleware,
         metrics=app.state.metrics,

@@ -23,6 +23,7 @@ import pytest
 import uvicorn
 from openai.types.chat import ChatCompletionMessageParam
 
+from adapters.persistence import RegistryStore
 from server.admin import adapter_service
 from server.app import create_app
 from server.settings import Settings
@@ -103,6 +104,19 @@ def counting(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     return calls
 
 
+def counting_saves(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of records of every registry file save."""
+    saves: list[int] = []
+    real = RegistryStore.save
+
+    def save(store: RegistryStore, records: list[Any], next_id: int) -> None:
+        saves.append(len(records))
+        real(store, records, next_id)
+
+    monkeypatch.setattr(RegistryStore, "save", save)
+    return saves
+
+
 async def test_lazy_restore_restart_and_broken_files(
     tiny: DefaultModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -122,6 +136,7 @@ async def test_lazy_restore_restart_and_broken_files(
     probe = [BASE, "eager-p00", "p00", "p01", "p12", "p13"]
 
     # First start: 50 preload folders registered, none loaded into the engine.
+    saves = counting_saves(monkeypatch)
     async with serving(settings) as (server, _):
         services = server.app.state.services
         assert await services.adapters.resident_ids() == set()
@@ -139,9 +154,14 @@ async def test_lazy_restore_restart_and_broken_files(
         # Lazily loaded, the adapter answers exactly as its eagerly loaded twin.
         assert first["p00"] == first["eager-p00"] != first[BASE]
         assert first["p00"] != first["p01"]
+    # The background validation saves the registry file about once a second, not once per
+    # adapter (50); what it had not saved yet is saved at shutdown (the restart finds it).
+    assert 1 <= len(saves) < COUNT // 2
 
     # Restart on the same state: restored from the registry file, nothing validated again.
     validations = counting(monkeypatch)
+    registry_file = settings.state_dir / "registry.json"
+    saved = registry_file.stat()
     async with serving(settings) as (server, core):
         adapters = server.app.state.services.adapters
         eager_id = adapters.registry.get("eager-p00").int_id
@@ -152,6 +172,9 @@ async def test_lazy_restore_restart_and_broken_files(
             assert await registered(admin) == before  # same ids, sha256s and pins
         assert await answers(server, probe) == first
         assert validations == []
+        # Nothing changed, so nothing was written: not by the restore, not by the preload scan.
+        now = registry_file.stat()
+        assert (now.st_ino, now.st_mtime_ns) == (saved.st_ino, saved.st_mtime_ns)
 
         # Files that vanished or changed after start-up: a clear 503 for their requests.
         (preload / "p10" / WEIGHTS).unlink()

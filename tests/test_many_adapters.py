@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import pytest
 import pytest_asyncio
 
+from server.admin import api_router
 from server.engine.vllm_engine import VllmEngine
 from server.testbed.default_model import DefaultModel
 from server.testbed.demo_adapters import DEMO_ADAPTERS, load_base_model, write_demo_adapter
@@ -103,3 +106,59 @@ async def test_round_robin_over_many_adapters(crowded: LiveServer, preload_dir: 
     # Round robin over 53 adapters with 4 in host memory: nearly every request misses.
     misses = value(metrics, "gemma_server_adapter_on_demand_loads_total")
     assert len(names) <= misses <= len(names) + len(order)
+
+
+async def test_the_adapter_list_is_cached_and_pages_agree(
+    crowded: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    builds: list[int | None] = []
+    real_page = api_router.adapter_page
+
+    def counting_page(*args: Any) -> bytes:
+        builds.append(args[2])  # the page's limit
+        return real_page(*args)
+
+    monkeypatch.setattr(api_router, "adapter_page", counting_page)
+    client = openai.AsyncOpenAI(base_url=crowded.v1, api_key="unused", max_retries=0)
+    async with httpx.AsyncClient(
+        base_url=crowded.base_url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60
+    ) as admin:
+        for _ in range(600):  # until the background validation of the preload folder is done
+            everything = (await admin.get("/v1/adapters")).json()
+            if all(a["state"] == "ready" for a in everything["data"]):
+                break
+            await asyncio.sleep(0.5)
+        names = [a["name"] for a in everything["data"]]
+        assert names == sorted(names) and len(names) >= ADAPTER_COUNT
+        assert (everything["first_id"], everything["last_id"]) == (names[0], names[-1])
+        assert everything["has_more"] is False
+
+        # Nothing changed: the same body, built at most once (else cached already).
+        builds.clear()
+        first = (await admin.get("/v1/adapters")).content
+        for _ in range(5):
+            assert (await admin.get("/v1/adapters")).content == first
+        assert builds in ([], [None])
+
+        # Pages of 10 (built each time) cover the default page exactly.
+        paged: list[dict[str, Any]] = []
+        after: str | None = None
+        while True:
+            params: dict[str, Any] = {"limit": 10, **({"after": after} if after else {})}
+            page = (await admin.get("/v1/adapters", params=params)).json()
+            paged += page["data"]
+            after = page["last_id"]
+            if not page["has_more"]:
+                break
+        assert paged == json.loads(first)["data"]
+
+        # A request changes its adapter's use count and residency: the next body shows them.
+        before = {a["name"]: a for a in json.loads(first)["data"]}["a07"]
+        await answer(client, "a07")
+        after_use = {a["name"]: a for a in (await admin.get("/v1/adapters")).json()["data"]}
+        assert after_use["a07"]["request_count"] == before["request_count"] + 1
+        assert after_use["a07"]["resident"] is True
+        # So does an unload.
+        assert (await admin.delete("/v1/adapters/a07")).status_code == 200
+        listed = [a["name"] for a in (await admin.get("/v1/adapters")).json()["data"]]
+        assert "a07" not in listed and len(listed) == len(names) - 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -224,9 +225,10 @@ async def own_engine(tiny: DefaultModel) -> AsyncIterator[VllmEngine]:
 
 
 async def test_router_gauges_name_served_adapters(
-    own_engine: VllmEngine, tiny: DefaultModel, tmp_path: Path
+    own_engine: VllmEngine, tiny: DefaultModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     engine = own_engine  # holds no adapter yet: the residency below is exactly predictable
+    residency_rpcs = counted(monkeypatch, engine)
     settings = settings_with_root(tiny, tmp_path)
     assert (settings.max_loras, settings.max_cpu_loras) == (3, 4)
     async with live_server(settings, engine, first_adapter_id=52_000) as server:
@@ -314,3 +316,29 @@ async def test_router_gauges_name_served_adapters(
             resident.add(registry.get("pinned-attn").int_id)
             assert await engine.list_adapters() == resident  # vLLM's own list agrees
             assert "@" not in text.split("vllm:lora_requests_info", 1)[1].split("\n# ", 1)[0]
+
+            # Scrapes with nothing changed ask the engine nothing (the answer is cached).
+            asked = len(residency_rpcs)
+            for _ in range(5):
+                assert residency((await http.get("/metrics")).text) == residency(text)
+            assert len(residency_rpcs) == asked
+            # A first use (an on-demand load) shows in the next scrape, asked once.
+            await client.chat.completions.create(model="demo-pirate", messages=PROMPT, max_tokens=2)
+            text = (await http.get("/metrics")).text
+            assert ("demo-pirate", "gpu", "false") in residency(text)
+            assert ("pinned-attn", "cpu", "true") in residency(text)
+            assert len(residency(text)) == 4  # the host cache holds 4
+            assert len(residency_rpcs) == asked + 1
+
+
+def counted(monkeypatch: pytest.MonkeyPatch, engine: VllmEngine) -> list[float]:
+    """The times of the engine's residency RPCs from now on."""
+    calls: list[float] = []
+    real = engine.adapter_residency
+
+    async def adapter_residency() -> Any:
+        calls.append(time.monotonic())
+        return await real()
+
+    monkeypatch.setattr(engine, "adapter_residency", adapter_residency)
+    return calls

@@ -202,3 +202,36 @@ async def test_unload_through_a_replica_that_never_pulled_it(
         return False
 
     await until(a_forgot, timeout=POLL_SECONDS + 20)
+
+
+async def test_an_unknown_name_reads_the_store_once_until_it_is_registered(
+    replicas: tuple[LiveServer, LiveServer],
+    versions: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    a, b = replicas
+    store = b.app.state.services.store.store
+    reads: list[str] = []
+    real_read = store.read_manifest
+
+    def read_manifest(name: str) -> object:
+        reads.append(name)
+        return real_read(name)
+
+    monkeypatch.setattr(store, "read_manifest", read_manifest)
+    client = openai.AsyncOpenAI(base_url=b.v1, api_key="unused", max_retries=0)
+    for _ in range(4):
+        with pytest.raises(openai.NotFoundError):
+            await client.chat.completions.create(model="ghost", messages=PROMPT, max_tokens=2)
+    assert reads.count("ghost") == 1  # then remembered as absent (for one poll interval)
+    # Registered through A: B serves it within its poll bound, not after some longer cache.
+    assert (await upload(a, "ghost", versions["other"])).status_code == 201
+    on_a = await greedy(a, "ghost")
+
+    async def b_serves() -> bool:
+        try:
+            return await greedy(b, "ghost") == on_a
+        except openai.NotFoundError:
+            return False
+
+    await until(b_serves, timeout=POLL_SECONDS + 20)

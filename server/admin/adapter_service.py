@@ -52,6 +52,8 @@ from server.metrics import ServiceMetrics
 
 logger = logging.getLogger(__name__)
 
+PENDING_SAVE_SECONDS = 1.0  # the background validation saves the registry file this often
+
 
 _FAILURE_REASONS: dict[type[Exception], str] = {
     AdapterExists: "exists",
@@ -185,6 +187,7 @@ class AdapterService:
         self._retiring: set[asyncio.Task[None]] = set()
         self._first_use: dict[int, asyncio.Lock] = {}
         self._background: asyncio.Task[None] | None = None
+        self._validated_unsaved = False  # background validations not in the registry file yet
         self.publisher: AdapterPublisher | None = None  # set when a shared store is configured
 
     @property
@@ -358,8 +361,8 @@ class AdapterService:
         logger.info("adapter %s unloaded here: gone from the store", name)
 
     async def resident_ids(self) -> set[int]:
-        """Ids of the adapter versions the engine holds in memory now."""
-        return await self._engine.list_adapters()
+        """Ids of the adapter versions the engine holds in memory (its residency, cached)."""
+        return {entry.int_id for entry in await self._engine.adapter_residency()}
 
     def served_residency(self, resident: list[ResidentAdapter]) -> list[tuple[str, str, bool]]:
         """(served name, level, pinned) of the resident adapters clients can name now.
@@ -400,11 +403,13 @@ class AdapterService:
         fingerprints = await asyncio.to_thread(
             lambda: [folder_fingerprint(Path(record.path)) for record in records]
         )
+        dropped = False
         for record, fingerprint in zip(records, fingerprints, strict=True):
             if fingerprint is None:
                 logger.error("registered adapter %s dropped: its files are gone", record.name)
                 if self.registry.find(record.name) is record:
                     self.registry.remove(record.name)
+                dropped = True
                 continue
             self.registry.put(record)
             if record.pinned:
@@ -418,7 +423,12 @@ class AdapterService:
                 except (AdapterError, EngineError, ServiceUnavailable) as exc:
                     # Kept registered: a request for it gets the reason, the rest serves.
                     logger.error("pinned adapter %s could not be loaded: %s", record.name, exc)
-        await self._persist()
+        # The file is rewritten only if this dropped an adapter: a restart that changes
+        # nothing writes nothing (loading a pinned adapter saves what it changes itself).
+        if dropped:
+            await self._persist()
+        else:
+            self._metrics.adapters_registered.set(len(self.registry))
         logger.info(
             "restored %d registered adapters (%d pinned loaded, %d to check at first use)",
             len(self.registry),
@@ -447,7 +457,8 @@ class AdapterService:
                     added += 1
             except AdapterError as exc:
                 logger.error("adapter %s in the preload folder skipped: %s", name, exc.message)
-        await self._persist()
+        if added:  # one write for all of them; none when every folder was registered already
+            await self._persist()
         logger.info(
             "preload: %d new of %d folders registered in %.3f s",
             added,
@@ -460,6 +471,10 @@ class AdapterService:
         self._background = asyncio.create_task(self._validate_all_pending())
 
     async def _validate_all_pending(self) -> None:
+        # Saved at most once a second, not after each adapter: a save of 1000 records holds the
+        # GIL for ~30 ms; a validation lost to a crash before its save is only done again, and
+        # `shutdown` saves what is left.
+        saved_at = time.monotonic()
         for record in list(self.registry):
             if record.validated:
                 continue
@@ -467,11 +482,26 @@ class AdapterService:
                 if record.validated or self.registry.find(record.name) is not record:
                     continue
                 with contextlib.suppress(ServiceUnavailable):  # logged and unregistered
-                    await self._validate_pending(record)
+                    await self._validate_pending(record, save=False)
+                    self._validated_unsaved = True
+            if self._validated_unsaved and time.monotonic() - saved_at >= PENDING_SAVE_SECONDS:
+                await self._save_validated()
+                saved_at = time.monotonic()
+        await self._save_validated()
+
+    async def _save_validated(self) -> None:
+        if self._validated_unsaved:
+            self._validated_unsaved = False
+            await self._persist()
 
     async def shutdown(self) -> None:
         if self._background is not None:
             self._background.cancel()
+            await asyncio.gather(self._background, return_exceptions=True)
+            try:
+                await self._save_validated()
+            except OSError:  # the engine must still be shut down; validations are redone
+                logger.exception("the registry file could not be saved at shutdown")
         for task in self._retiring:
             task.cancel()
         await asyncio.gather(*self._follow_ups)  # a few ms each
@@ -706,8 +736,11 @@ class AdapterService:
             validated=False,
         )
 
-    async def _validate_pending(self, record: AdapterRecord) -> None:
-        """Validate a pending adapter; fill its record in, or unregister it (503 to the caller)."""
+    async def _validate_pending(self, record: AdapterRecord, *, save: bool = True) -> None:
+        """Validate a pending adapter; fill its record in, or unregister it (503 to the caller).
+
+        `save=False` leaves the registry file to the caller (the background validation).
+        """
         try:
             checked, manifest = await self._validated_record(
                 record.name,
@@ -734,7 +767,9 @@ class AdapterService:
         record.served_sha256 = checked.served_sha256
         record.probed = record.probed or manifest.serves_towers  # a text probe cannot see towers
         record.validated = True
-        await self._persist()
+        self.registry.record_changed()
+        if save:
+            await self._persist()
 
     async def _unregister(self, record: AdapterRecord) -> None:
         async with self.registry.locked(record.name):
@@ -783,6 +818,8 @@ class AdapterService:
         # One writer at a time, each with a snapshot taken under the lock: never an older
         # snapshot over a newer one.
         self._metrics.adapters_registered.set(len(self.registry))
+        # Every change of a record's fields is saved here, so listings learn of it here too.
+        self.registry.record_changed()
         async with self._persist_lock:
             records = list(self.registry)
             if self._saved_ahead:  # new names still loading (never a registered name)

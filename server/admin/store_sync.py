@@ -4,7 +4,8 @@
   version first, then the manifest in one conditional write, so two replicas never both win.
 - Pull on miss: a request naming an adapter unknown here reads its manifest, pulls the version
   into the local cache (one pull per name at a time; other requests wait for it), validates and
-  loads it.
+  loads it. A name the store does not hold is remembered as absent for one poll interval
+  (`adapters.store.absent`): requests for it meanwhile get their 404 without a store read.
 - Watch: every `poll_seconds` the manifests are listed (one listing; only changed ones are
   read); an adapter served here whose manifest changed is switched to the new version, one whose
   manifest is gone is unloaded here. A request keeps the version it started on (leases).
@@ -29,6 +30,7 @@ from adapters.store import (
     VersionCache,
     version_digest,
 )
+from adapters.store.absent import AbsentNames
 from adapters.store.protocol import ManifestEntry
 from server.admin.adapter_service import (
     AdapterLease,
@@ -79,6 +81,8 @@ class StoreSync:
         self._pulling: set[str] = set()  # version digests being pulled: never evicted
         self._tokens: dict[str, str] = {}  # name -> listing token last read
         self._manifests: dict[str, StoredManifest] = {}  # the store as last seen
+        # Not in the store when last asked; kept no longer than the watcher's own lag.
+        self.absent = AbsentNames(ttl=poll_seconds)
         self.revision = 0  # counts changes of what was seen, so readers can cache listings
         self._watching: asyncio.Task[None] | None = None
         self.last_sync: float | None = None
@@ -103,15 +107,20 @@ class StoreSync:
 
     async def pull(self, name: str) -> None:
         """Serve `name` here if the store has it; concurrent callers wait for one pull."""
+        if name in self.absent:
+            return  # not in the store a moment ago: the caller answers 404
         lock = self._pull_locks.setdefault(name, asyncio.Lock())
         async with lock:
-            if name in self.adapters.registry:
-                return  # another request pulled it while this one waited
+            if name in self.adapters.registry or name in self.absent:
+                return  # another request pulled it, or found it absent, while this one waited
             try:
                 entry = await asyncio.to_thread(self.store.read_manifest, name)
             except StoreError as exc:
                 raise ServiceUnavailable("the adapter store is unreachable; retry") from exc
             if entry is None:
+                self.absent.add(name)
+                if self._pull_locks.get(name) is lock:  # one lock per unknown name would pile up
+                    del self._pull_locks[name]
                 return  # not registered anywhere: the caller answers 404
             self._seen(entry)
             await self._install(entry.manifest)
@@ -226,6 +235,7 @@ class StoreSync:
 
     def _seen(self, entry: ManifestEntry) -> None:
         self._manifests[entry.manifest.name] = entry.manifest
+        self.absent.discard(entry.manifest.name)
         self.revision += 1
 
     async def sync_once(self) -> None:

@@ -33,6 +33,7 @@ from server.engine.protocol import (
     ResidentAdapter,
     Sampling,
 )
+from server.engine.residency_cache import ResidencyCache
 from server.lifecycle import ServiceLifecycle
 from server.metrics import ServiceMetrics
 
@@ -110,6 +111,7 @@ class EngineSupervisor:
         self._restarts: deque[float] = deque()  # monotonic times of recent restarts
         self._restarting: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
+        self._residency = ResidencyCache()
 
     def restore_adapters_with(self, restore: AdapterRestorer) -> None:
         """What loads the registered adapters into a new engine before it serves."""
@@ -131,6 +133,8 @@ class EngineSupervisor:
             logger.warning("request refused: it crashed the engine twice in a row")
             raise EngineError(REFUSED, is_client_fault=True)
         self._running[request_id] = running
+        if adapter is not None:  # its scheduling may move adapters between slots and caches
+            self._residency.request_started()
         try:
             async for chunk in engine.generate(request_id, prompt, sampling, adapter):
                 running.produced = True
@@ -143,6 +147,8 @@ class EngineSupervisor:
                 self._guard.acquit(running.fingerprint())
         finally:
             self._running.pop(request_id, None)
+            if adapter is not None:
+                self._residency.request_ended()
 
     async def abort(self, request_id: str) -> None:
         running = self._running.pop(request_id, None)
@@ -153,19 +159,33 @@ class EngineSupervisor:
             await engine.abort(request_id)
 
     async def add_adapter(self, adapter: AdapterRef) -> None:
-        await self._forward(lambda engine: engine.add_adapter(adapter))
+        try:
+            await self._forward(lambda engine: engine.add_adapter(adapter))
+        finally:
+            self._residency.invalidate()
 
     async def remove_adapter(self, int_id: int) -> bool:
-        return await self._forward(lambda engine: engine.remove_adapter(int_id))
+        try:
+            return await self._forward(lambda engine: engine.remove_adapter(int_id))
+        finally:
+            self._residency.invalidate()
 
     async def pin_adapter(self, int_id: int) -> bool:
-        return await self._forward(lambda engine: engine.pin_adapter(int_id))
+        try:
+            return await self._forward(lambda engine: engine.pin_adapter(int_id))
+        finally:
+            self._residency.invalidate()
 
     async def list_adapters(self) -> set[int]:
         return await self._forward(lambda engine: engine.list_adapters())
 
     async def adapter_residency(self) -> list[ResidentAdapter]:
-        return await self._forward(lambda engine: engine.adapter_residency())
+        """The engine's LoRA residency; asked of it only when it may have changed (see
+        `server.engine.residency_cache`: up to 1 s old while requests on adapters run)."""
+        self._current()  # while no engine serves: EngineDeadError, not an old answer
+        return await self._residency.get(
+            lambda: self._forward(lambda engine: engine.adapter_residency())
+        )
 
     def adapter_activity(self) -> AdapterActivity:
         return self._engine.adapter_activity() if self._engine else AdapterActivity()
@@ -271,6 +291,7 @@ class EngineSupervisor:
             logger.exception("the inference engine could not be restarted")
             return False
         self._engine = engine
+        self._residency.invalidate()  # the new engine holds nothing yet
         try:
             if self._restore_adapters is not None:
                 await self._restore_adapters()
