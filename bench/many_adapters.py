@@ -273,6 +273,9 @@ def main() -> None:
         requests, errors, seconds = asyncio.run(churn(server.base_url, names, args.churn_rounds))
         logger.info("churn: %d requests, %d errors, %.0f s", requests, errors, seconds)
         lists["/metrics (after churn)"] = timed_get(f"{server.base_url}/metrics", {}, args.calls)
+        lists["/metrics/router (after churn)"] = timed_get(
+            f"{server.base_url}/metrics/router", {}, args.calls
+        )
         with httpx.Client(timeout=60) as http:
             exposition = http.get(f"{server.base_url}/metrics").text
         series = sum(1 for line in exposition.splitlines() if line and not line.startswith("#"))

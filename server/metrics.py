@@ -24,6 +24,15 @@ from server.engine.protocol import AdapterActivity
 
 OTHER = "other"
 LORA_REQUESTS_INFO = "vllm:lora_requests_info"
+LORA_ADAPTER_LOADED = "vllm:lora_adapter_loaded"
+# What an adapter-aware router (the Gateway API Inference Extension's endpoint picker) reads:
+# queue depth, running requests, KV-cache use, the KV-cache configuration, and the LoRA gauges.
+ROUTER_ENGINE_FAMILIES = (
+    "vllm:num_requests_waiting",
+    "vllm:num_requests_running",
+    "vllm:kv_cache_usage_perc",
+    "vllm:cache_config_info",
+)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 PHASE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30)
@@ -139,7 +148,7 @@ class ServiceMetrics:
             registry=r,
         )
         self.lora_adapter_loaded = Gauge(
-            "vllm:lora_adapter_loaded",
+            LORA_ADAPTER_LOADED,
             "1 per adapter (served name) in the engine's memory: level gpu = an accelerator LoRA "
             "slot, cpu = the host cache; pinned = never evicted from the host cache",
             ["adapter_name", "level", "pinned"],
@@ -190,6 +199,17 @@ class ServiceMetrics:
         keep_latest_lora_info(REGISTRY)  # vLLM still sets its own: bound its memory
         vllm = _Without(REGISTRY, {LORA_REQUESTS_INFO})
         return generate_latest(self.registry) + generate_latest(vllm)
+
+    def router_exposition(self) -> bytes:
+        """Only what a router reads, from the same gauges as `exposition`.
+
+        An endpoint picker scrapes every pod often (llm-d-router's default: every 50 ms); the
+        full exposition grows with the adapters that have their own labels (histograms per
+        model), this one does not.
+        """
+        ours = self.registry.restricted_registry([LORA_REQUESTS_INFO, LORA_ADAPTER_LOADED])
+        vllm = REGISTRY.restricted_registry(ROUTER_ENGINE_FAMILIES)
+        return generate_latest(ours) + generate_latest(vllm)
 
 
 class _Without(Collector):

@@ -287,6 +287,19 @@ async def test_router_gauges_name_served_adapters(
                     "waiting": 1,
                 }
                 assert value(scrape(text), "gemma_server_engine_requests_unfinished") == 4
+                # The router's own route: the same view, and only what a router reads.
+                routed = (await http.get("/metrics/router")).text
+                assert router_view(routed) == router_view(text)
+                assert residency(routed) == residency(text)
+                assert 0 < vllm_gauge(routed, "vllm:kv_cache_usage_perc") < 1
+                assert {f.name for f in text_string_to_metric_families(routed)} == {
+                    "vllm:lora_requests_info",
+                    "vllm:lora_adapter_loaded",
+                    "vllm:num_requests_waiting",
+                    "vllm:num_requests_running",
+                    "vllm:kv_cache_usage_perc",
+                    "vllm:cache_config_info",
+                }
             finally:
                 for stream in streams:
                     await stream.close()  # aborts: the waiting request gets a slot and finishes

@@ -52,6 +52,7 @@ def test_every_reference_resolves() -> None:
         (("GET", "/health"), {"200", "503"}),
         (("GET", "/ready"), {"200", "503"}),
         (("GET", "/metrics"), {"200", "401", "403"}),
+        (("GET", "/metrics/router"), {"200", "401", "403"}),
         (("GET", "/v1/models"), {"200", "401", "503"}),
         (("GET", "/v1/models/{model_id}"), {"200", "401", "404", "503"}),
         (

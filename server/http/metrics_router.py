@@ -28,6 +28,31 @@ router = APIRouter()
 )
 async def metrics(request: Request, credentials: BearerDep) -> Response:
     """Prometheus text format: the service's metrics and vLLM's `vllm:*` engine metrics."""
+    service_metrics = await _refreshed(request, credentials)
+    return Response(service_metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get(
+    "/metrics/router",
+    response_class=Response,
+    responses={
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
+        **errors(401, 403),  # with --metrics-need-admin-key
+    },
+    openapi_extra=KEY_OPTIONAL,
+)
+async def router_metrics(request: Request, credentials: BearerDep) -> Response:
+    """What an adapter-aware router reads (queue, running, KV cache, LoRA gauges), nothing else.
+
+    The same values as in `/metrics`, at a cost that does not grow with the adapters: for an
+    endpoint picker that scrapes every pod many times a second.
+    """
+    service_metrics = await _refreshed(request, credentials)
+    return Response(service_metrics.router_exposition(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _refreshed(request: Request, credentials: BearerDep) -> ServiceMetrics:
+    """The service's metrics with the gauges read at scrape time brought up to date."""
     if request.app.state.settings.metrics_need_admin_key:
         await require_admin_key(request, credentials)
     service_metrics: ServiceMetrics = request.app.state.metrics
@@ -42,4 +67,4 @@ async def metrics(request: Request, credentials: BearerDep) -> Response:
                 services.adapters.served_residency(resident),
                 request.app.state.settings.max_loras,
             )
-    return Response(service_metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+    return service_metrics
