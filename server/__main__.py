@@ -85,6 +85,13 @@ def freeze_startup_heap() -> None:
     )
 
 
+def cache_vllm_environment() -> None:
+    """vLLM's cache of its environment variables, as its engine core and workers use it."""
+    from server.engine import vllm_engine  # vLLM is heavy: imported once the engine runs
+
+    vllm_engine.cache_vllm_environment()
+
+
 def main() -> None:
     """Parse settings from the environment and flags, then serve until stopped."""
     settings = Settings(_cli_parse_args=True)
@@ -115,6 +122,7 @@ def main() -> None:
     # Here and not in create_app: a test process runs many apps, and cycles among frozen
     # objects are never collected.
     lifecycle.on_ready(freeze_startup_heap)
+    lifecycle.on_ready(cache_vllm_environment)
     server.run()
     if failures:
         sys.exit(1)

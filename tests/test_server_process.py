@@ -35,6 +35,7 @@ async def test_sigterm_lets_in_flight_requests_finish_then_stops_everything(
     log = (tmp_path / "server.log").read_text()
     frozen = re.search(r"start-up heap frozen: (\d+) objects", log)
     assert frozen is not None and int(frozen.group(1)) > 100_000
+    assert "vLLM environment variables cached" in log  # as its engine core and workers do
     children = psutil.Process(process.pid).children(recursive=True)
     assert children, "the engine runs in child processes"
     body = {

@@ -50,6 +50,20 @@ CPU_DEFAULT_KV_CACHE_BYTES = 256 * 2**20
 MIN_LOGPROB = -9999.0
 
 
+def cache_vllm_environment() -> None:
+    """Turn on vLLM's cache of its environment variables in this (the API) process.
+
+    vLLM reads some of them through `vllm.envs` for every output of every step
+    (`IterationStats.update_from_output`: an `os.environ` lookup and parse each time, ~4 us);
+    its engine core and workers cache them once started, its API server does not. Call it once
+    start-up is over: the service changes no environment variable after that.
+    """
+    from vllm import envs
+
+    envs.enable_envs_cache()
+    logger.info("vLLM environment variables cached")
+
+
 def _passed_through(settings: Settings, owned: set[str]) -> dict[str, Any]:
     """`--engine-args`, checked: AsyncEngineArgs fields the service does not set itself."""
     known = {field.name for field in dataclasses.fields(AsyncEngineArgs)}
