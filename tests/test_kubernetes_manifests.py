@@ -146,7 +146,7 @@ def schema_problems(docs: list[Doc]) -> Iterator[str]:
             yield f"{where}: {exc}"
 
 
-def epp_problems(docs: list[Doc]) -> Iterator[str]:
+def epp_problems(docs: list[Doc], paths: set[str]) -> Iterator[str]:
     pool = find(docs, "InferencePool", "gemma-adapter-server")
     if pool is None:
         yield "no InferencePool gemma-adapter-server"
@@ -206,6 +206,10 @@ def epp_problems(docs: list[Doc]) -> Iterator[str]:
         if plugin.get("type") not in EPP_PLUGIN_TYPES:
             yield f"endpoint picker config: unknown plugin type {plugin.get('type')}"
         names.add(plugin.get("name", plugin.get("type")))
+        if plugin.get("type") == "metrics-data-source":
+            scraped = plugin.get("parameters", {}).get("path", "/metrics")
+            if scraped not in paths:
+                yield f"endpoint picker config: scrapes {scraped}, which the server does not serve"
     refs = [
         entry["pluginRef"]
         for profile in config.get("schedulingProfiles", [])
@@ -334,7 +338,7 @@ def model_server_problems(docs: list[Doc], paths: set[str]) -> Iterator[str]:
 def problems(docs: list[Doc], paths: set[str]) -> list[str]:
     return [
         *schema_problems(docs),
-        *epp_problems(docs),
+        *epp_problems(docs, paths),
         *model_server_problems(docs, paths),
     ]
 
@@ -447,6 +451,9 @@ BREAKS: dict[str, Callable[[list[Doc]], None]] = {
     ),
     "LoRA affinity not in the profile": _epp_config(
         lambda c: c["schedulingProfiles"][0]["plugins"].pop(3)
+    ),
+    "picker scraping a path the server lacks": _epp_config(
+        lambda c: c["plugins"][0]["parameters"].update(path="/metrics/routers")
     ),
     "pluginRef to nothing": _epp_config(
         lambda c: c["schedulingProfiles"][0]["plugins"][0].update(pluginRef="queue")
