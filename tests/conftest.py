@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
+from adapters.store import AdapterStore, open_store
 from server.settings import Settings
 from server.testbed.default_model import DefaultModel, ensure_default_model
 from server.vllm_compat import register
+from tests.s3_server import S3Server, start_s3_server
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -98,3 +100,27 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             f"shape {shape}, {adapter}, {case}: first-step top-5 log-prob difference "
             f"{difference:.1e}"
         )
+
+
+# --- the shared adapter store, on a folder and on S3 (SeaweedFS) ---
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A SeaweedFS S3 server for one test module."""
+    server = start_s3_server(tmp_path_factory.mktemp("s3"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["folder", "s3"])
+def store(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AdapterStore:
+    """An empty adapter store: a folder, then an S3 location (its credentials in the env)."""
+    if request.param == "folder":
+        return open_store(str(tmp_path / "store"))
+    server: S3Server = request.getfixturevalue("s3_server")
+    for key, value in server.env().items():
+        monkeypatch.setenv(key, value)
+    return open_store(server.new_location(), server.endpoint_url)

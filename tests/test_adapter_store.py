@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,30 +17,10 @@ from adapters.store import (
     StoredManifest,
     StoreError,
     VersionCache,
-    open_store,
     version_digest,
 )
 from adapters.store.s3 import S3Store
-from tests.s3_server import S3Server, start_s3_server
-
-
-@pytest.fixture(scope="module")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    server = start_s3_server(tmp_path_factory.mktemp("s3"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(params=["s3", "folder"])
-def store(
-    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> AdapterStore:
-    if request.param == "folder":
-        return open_store(str(tmp_path / "store"))
-    server: S3Server = request.getfixturevalue("s3_server")
-    for key, value in server.env().items():
-        monkeypatch.setenv(key, value)
-    return open_store(server.new_location(), server.endpoint_url)
+from tests.s3_server import S3Server
 
 
 def make_version(folder: Path, seed: bytes, size: int = 4096) -> Path:

@@ -6,19 +6,15 @@ engine); tests/test_store_replicas.py proves it through HTTP on the real engine.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
-import pytest
-
 from adapters.registry import AdapterRegistry
-from adapters.store import AdapterStore, StoredManifest, VersionCache, open_store
+from adapters.store import AdapterStore, StoredManifest, VersionCache
 from adapters.store.absent import AbsentNames
 from adapters.store.protocol import ManifestEntry
 from server.admin.adapter_service import AdapterService
 from server.admin.store_sync import StoreSync
-from tests.s3_server import S3Server, start_s3_server
 
 POLL_SECONDS = 30.0  # the test polls by hand
 
@@ -73,25 +69,6 @@ class NoAdapters:
     def __init__(self) -> None:
         self.registry = AdapterRegistry("base")
         self.base_model_name = "base"
-
-
-@pytest.fixture(scope="module")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    server = start_s3_server(tmp_path_factory.mktemp("s3"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(params=["folder", "s3"])
-def store(
-    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> AdapterStore:
-    if request.param == "folder":
-        return open_store(str(tmp_path / "store"))
-    server: S3Server = request.getfixturevalue("s3_server")
-    for key, value in server.env().items():
-        monkeypatch.setenv(key, value)
-    return open_store(server.new_location(), server.endpoint_url)
 
 
 async def test_an_unknown_name_reads_the_store_once_until_the_watcher_sees_it(
