@@ -64,6 +64,11 @@ class Cluster:
         """The replica at host:port (as Envoy's x-gemma-replica names it)."""
         return next(r for r in self.replicas if r.address == address)
 
+    def access_log(self, model: str, last: int = 40) -> list[str]:
+        """Envoy's last access-log lines for `model` (status, flags, replica, attempts)."""
+        lines = self.envoy.log_path.read_text(errors="replace").splitlines()
+        return [line for line in lines if f" model={model} " in line][-last:]
+
     def health(self) -> dict[str, str]:
         return host_health(self.admin_url)
 
@@ -126,7 +131,9 @@ class Outcome:
     ended: float
     status: int | None  # None: no HTTP answer at all
     replica: str | None  # Envoy's x-gemma-replica
-    text: str = ""
+    text: str = ""  # the answer's content (200 only)
+    error: str = ""  # the start of the body of any other answer, to tell who refused it
+    attempts: int = 1  # Envoy's x-envoy-attempt-count: more than 1 if it retried the request
 
 
 @dataclass
@@ -166,9 +173,11 @@ class Load:
                         Outcome(target, model, started, time.monotonic(), None, None)
                     )
                     continue
-                text = ""
+                text = error = ""
                 if response.status_code == 200:
                     text = response.json()["choices"][0]["message"]["content"] or ""
+                else:
+                    error = response.text[:300]
                 self.outcomes.append(
                     Outcome(
                         target,
@@ -178,6 +187,8 @@ class Load:
                         response.status_code,
                         response.headers.get(REPLICA_HEADER),
                         text,
+                        error,
+                        int(response.headers.get("x-envoy-attempt-count", 1)),
                     )
                 )
 

@@ -7,6 +7,7 @@ the same config in front of real replicas.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import socket
@@ -41,6 +42,7 @@ class FakeUpstream:
 
     api_status: int = 200  # status of every answer but /ready
     ready_status: int = 200
+    delay: float = 0.0  # seconds before each answer but /ready: a generation's length
     server: ThreadingHTTPServer = field(init=False)
     connections: set[socket.socket] = field(default_factory=set)
 
@@ -78,6 +80,7 @@ class FakeUpstream:
                 self._echo(len(self.rfile.read(length)))
 
             def _echo(self, body_bytes: int) -> None:
+                time.sleep(upstream.delay)
                 model = self.headers.get("x-gemma-model")
                 self._answer(upstream.api_status, {"model": model, "body_bytes": body_bytes})
 
@@ -289,6 +292,7 @@ def test_a_503_is_retried_on_another_replica_and_an_unready_one_is_ejected(front
         response = httpx.post(f"{front.url}/v1/completions", json={"model": "demo-attn"})
         assert response.status_code == 200
         assert response.headers[REPLICA_HEADER] != home
+        assert response.headers["x-envoy-attempt-count"] == "2", "the client can see the retry"
     assert stat(front, "cluster.replicas.upstream_rq_retry_success") - retried_before == 5
     moved_to = {_replica_of(front, "demo-attn") for _ in range(3)}
     assert len(moved_to) == 1, "the adapter moves to one other replica: the next on the ring"
@@ -302,6 +306,25 @@ def test_a_503_is_retried_on_another_replica_and_an_unready_one_is_ejected(front
     while _replica_of(front, "demo-attn") != home:  # the workers' rings follow in a moment
         assert time.monotonic() - back < 5, "back on its replica once ready again"
         time.sleep(0.05)
+
+
+def test_a_replica_failing_under_load_has_every_request_retried(front: Front) -> None:
+    """A retry stays active while its new attempt runs: the budget must cover half the load."""
+    home = _replica_of(front, "demo-tools")
+    front.upstream(home).api_status = 503
+    for upstream in front.upstreams:
+        upstream.delay = 1.0  # the retries run long on the others, as generations do
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        answers = list(
+            pool.map(
+                lambda _: httpx.post(
+                    f"{front.url}/v1/completions", json={"model": "demo-tools"}, timeout=30
+                ),
+                range(12),
+            )
+        )
+    assert [a.status_code for a in answers] == [200] * 12, [a.text for a in answers]
+    assert stat(front, "cluster.replicas.upstream_rq_retry_overflow") == 0
 
 
 def test_a_refused_connection_is_retried_elsewhere_and_ejects_the_replica(front: Front) -> None:
