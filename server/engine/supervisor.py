@@ -159,22 +159,13 @@ class EngineSupervisor:
             await engine.abort(request_id)
 
     async def add_adapter(self, adapter: AdapterRef) -> None:
-        try:
-            await self._forward(lambda engine: engine.add_adapter(adapter))
-        finally:
-            self._residency.invalidate()
+        await self._changing_residency(lambda engine: engine.add_adapter(adapter))
 
     async def remove_adapter(self, int_id: int) -> bool:
-        try:
-            return await self._forward(lambda engine: engine.remove_adapter(int_id))
-        finally:
-            self._residency.invalidate()
+        return await self._changing_residency(lambda engine: engine.remove_adapter(int_id))
 
     async def pin_adapter(self, int_id: int) -> bool:
-        try:
-            return await self._forward(lambda engine: engine.pin_adapter(int_id))
-        finally:
-            self._residency.invalidate()
+        return await self._changing_residency(lambda engine: engine.pin_adapter(int_id))
 
     async def list_adapters(self) -> set[int]:
         return await self._forward(lambda engine: engine.list_adapters())
@@ -222,6 +213,13 @@ class EngineSupervisor:
         except EngineDeadError as exc:
             self._engine_died(engine)
             raise EngineDeadError(RESTARTING if self._start_engine else STOPPED) from exc
+
+    async def _changing_residency(self, call: Callable[[InferenceEngine], Awaitable[T]]) -> T:
+        """`_forward` a call that adds, removes or pins an adapter: the residency is asked anew."""
+        try:
+            return await self._forward(call)
+        finally:
+            self._residency.invalidate()
 
     def _engine_died(self, engine: InferenceEngine) -> None:
         """Called synchronously by whoever sees the death first, so readiness turns at once."""

@@ -1,8 +1,9 @@
-"""`GET /metrics`: Prometheus text format, the service's metrics and vLLM's."""
+"""`GET /metrics` and `GET /metrics/router`: Prometheus text, the service's metrics and vLLM's."""
 
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -15,32 +16,25 @@ from server.metrics import ServiceMetrics
 from server.services import Services
 
 router = APIRouter()
-
-
-@router.get(
-    "/metrics",
-    response_class=Response,
-    responses={
+# Both routes answer Prometheus text, with the admin key when --metrics-need-admin-key is set.
+TEXT_ROUTE: dict[str, Any] = {
+    "response_class": Response,
+    "responses": {
         200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
-        **errors(401, 403),  # with --metrics-need-admin-key
+        **errors(401, 403),
     },
-    openapi_extra=KEY_OPTIONAL,
-)
+    "openapi_extra": KEY_OPTIONAL,
+}
+
+
+@router.get("/metrics", **TEXT_ROUTE)
 async def metrics(request: Request, credentials: BearerDep) -> Response:
     """Prometheus text format: the service's metrics and vLLM's `vllm:*` engine metrics."""
     service_metrics = await _refreshed(request, credentials)
     return Response(service_metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get(
-    "/metrics/router",
-    response_class=Response,
-    responses={
-        200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
-        **errors(401, 403),  # with --metrics-need-admin-key
-    },
-    openapi_extra=KEY_OPTIONAL,
-)
+@router.get("/metrics/router", **TEXT_ROUTE)
 async def router_metrics(request: Request, credentials: BearerDep) -> Response:
     """What an adapter-aware router reads (queue, running, KV cache, LoRA gauges), nothing else.
 
